@@ -1,0 +1,3 @@
+"""Type stubs for the private native module lpipes._C."""
+
+def cpu_features() -> dict[str, object]: ...
