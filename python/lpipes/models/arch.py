@@ -133,7 +133,8 @@ def kv_producers(config: Any) -> dict[int, int]:
         elif mode == "reuse":
             if types[i] not in last_store:
                 raise UnsupportedArchitectureError(
-                    f"layer {i} reuses the K/V of an earlier {types[i]} layer, but no earlier layer stores one"
+                    f"layer {i} reuses the K/V of an earlier {types[i]} layer, "
+                    "but no earlier layer stores one"
                 )
             producers[i] = last_store[types[i]]
     return producers

@@ -167,7 +167,9 @@ def open_checkpoint(
     elif _looks_like_path(str(model)):
         raise CheckpointError(f"model directory {str(model)!r} does not exist")
     else:
-        ckpt = _open_hub(str(model), layers=layers, end_model=end_model, revision=revision, cache_dir=cache_dir)
+        ckpt = _open_hub(
+            str(model), layers=layers, end_model=end_model, revision=revision, cache_dir=cache_dir
+        )
     if layers is not None:
         check_span(ckpt.text_config, *layers)
     return ckpt
@@ -286,7 +288,9 @@ def _open_hub(
     if weight_map:
         patterns.append(INDEX_FILE)
         prefix = _find_prefix(weight_map, repo_id)
-        probe = Checkpoint(snapshot, config, text_config, arch_spec(text_config.model_type), prefix, weight_map)
+        probe = Checkpoint(
+            snapshot, config, text_config, arch_spec(text_config.model_type), prefix, weight_map
+        )
         needed: set[str] = set()
         if layers is not None:
             check_span(text_config, *layers)

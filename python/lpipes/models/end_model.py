@@ -66,12 +66,18 @@ class EndModel:
                 return self.arch.scaled_embedding_cls(num, dim, pad, embed_scale=scale)
             return nn.Embedding(num, dim, pad)
 
-        self.embed_tokens = _meta_then_assign(lambda: embedding(vocab, hidden, hidden**0.5), {"weight": emb_w}, self.dtype)
+        self.embed_tokens = _meta_then_assign(
+            lambda: embedding(vocab, hidden, hidden**0.5), {"weight": emb_w}, self.dtype
+        )
         self._fix_embed_scale(self.embed_tokens, hidden**0.5)
         eps = float(cfg.rms_norm_eps)
-        self.norm = _meta_then_assign(lambda: self.arch.norm_cls(hidden, eps=eps), {"weight": t[names["norm"]]}, self.dtype)
+        self.norm = _meta_then_assign(
+            lambda: self.arch.norm_cls(hidden, eps=eps), {"weight": t[names["norm"]]}, self.dtype
+        )
         head_w = t[names["lm_head"]] if "lm_head" in names else emb_w
-        self.lm_head = _meta_then_assign(lambda: nn.Linear(hidden, vocab, bias=False), {"weight": head_w}, self.dtype)
+        self.lm_head = _meta_then_assign(
+            lambda: nn.Linear(hidden, vocab, bias=False), {"weight": head_w}, self.dtype
+        )
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
 
         self.ple_size = 0
@@ -90,7 +96,9 @@ class EndModel:
                 self.dtype,
             )
             self.per_layer_projection_norm = _meta_then_assign(
-                lambda: self.arch.norm_cls(p, eps=eps), {"weight": t[names["per_layer_projection_norm"]]}, self.dtype
+                lambda: self.arch.norm_cls(p, eps=eps),
+                {"weight": t[names["per_layer_projection_norm"]]},
+                self.dtype,
             )
 
         self.tokenizer = tokenizer if tokenizer is not None else self._load_tokenizer(ckpt)
@@ -135,7 +143,9 @@ class EndModel:
         """Token ids of a plain-text prompt (the tokenizer's own special-token rules apply)."""
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def encode_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
         """Token ids of a conversation rendered with the checkpoint's chat template."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise CheckpointError("this model's tokenizer has no chat template; send a plain prompt instead")
@@ -152,7 +162,7 @@ class EndModel:
 
     @torch.inference_mode()
     def per_layer_inputs(self, ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor | None:
-        """Gemma 4 per-layer inputs [T, num_layers, P] for tokens ``ids`` [T] with embeddings [T, H]; else None."""
+        """Gemma 4 per-layer inputs [T, num_layers, P] for ``ids`` [T] and embeddings [T, H]; else None."""
         if not self.ple_size:
             return None
         n, p = self.num_layers, self.ple_size

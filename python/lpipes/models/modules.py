@@ -55,8 +55,12 @@ def fuse_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if experts:
         ids = sorted(experts)
         if ids != list(range(len(ids))) or any(len(experts[e]) != 3 for e in ids):
-            raise CheckpointError(f"incomplete expert tensors: experts {ids} with parts {[sorted(experts[e]) for e in ids]}")
-        out["mlp.experts.gate_up_proj"] = torch.stack([torch.cat([experts[e]["gate"], experts[e]["up"]]) for e in ids])
+            raise CheckpointError(
+                f"incomplete expert tensors: experts {ids} with parts {[sorted(experts[e]) for e in ids]}"
+            )
+        out["mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate"], experts[e]["up"]]) for e in ids]
+        )
         out["mlp.experts.down_proj"] = torch.stack([experts[e]["down"] for e in ids])
     return out
 

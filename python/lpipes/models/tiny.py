@@ -151,7 +151,9 @@ def tiny_config(arch: str, *, num_layers: int = 6, vocab_size: int = MODEL_VOCAB
             head_dim=16,
             query_pre_attn_scalar=16,
             sliding_window=5,
-            layer_types=_layer_types(["sliding_attention", "sliding_attention", "full_attention"], num_layers),
+            layer_types=_layer_types(
+                ["sliding_attention", "sliding_attention", "full_attention"], num_layers
+            ),
             final_logit_softcapping=30.0,
             rope_parameters={
                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},

@@ -26,7 +26,12 @@ class KVCache(Protocol):
         """Committed tokens held for a session (0 for an unknown one)."""
 
     def append(
-        self, session_ids: Sequence[SessionId], layer_idx: int, key: torch.Tensor, value: torch.Tensor, q_lens: Sequence[int]
+        self,
+        session_ids: Sequence[SessionId],
+        layer_idx: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        q_lens: Sequence[int],
     ) -> None:
         """Append the new tokens of one layer.
 
@@ -76,7 +81,12 @@ class DenseKVCache:
         return s.length if s else 0
 
     def append(
-        self, session_ids: Sequence[SessionId], layer_idx: int, key: torch.Tensor, value: torch.Tensor, q_lens: Sequence[int]
+        self,
+        session_ids: Sequence[SessionId],
+        layer_idx: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        q_lens: Sequence[int],
     ) -> None:
         q_pad = key.shape[2]
         for b, (sid, q) in enumerate(zip(session_ids, q_lens)):

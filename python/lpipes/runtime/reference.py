@@ -133,11 +133,19 @@ class ReferenceExecutor:
         self.windows = [attention_window(self.config, i) for i in range(start, end)]
         self.producers = {c: p for c, p in kv_producers(self.config).items() if start <= c < end}
         rope = getattr(self.config, "rope_parameters", None) or {}
-        rope_types = {v.get("rope_type") for v in rope.values()} if self.arch.rotary_per_layer_type else {rope.get("rope_type")}
+        rope_types = (
+            {v.get("rope_type") for v in rope.values()}
+            if self.arch.rotary_per_layer_type
+            else {rope.get("rope_type")}
+        )
         # longrope picks its frequencies from max(position) of the whole call: compute it per sequence.
         self._rope_per_sequence = bool(rope_types & {"longrope", "dynamic"})
         self.cache: KVCache = cache if cache is not None else DenseKVCache()
-        self.ple_size = int(getattr(self.config, "hidden_size_per_layer_input", 0) or 0) if self.arch.per_layer_inputs else 0
+        self.ple_size = (
+            int(getattr(self.config, "hidden_size_per_layer_input", 0) or 0)
+            if self.arch.per_layer_inputs
+            else 0
+        )
 
     # ------------------------------------------------------------------ sessions
     def session_length(self, session_id: SessionId) -> int:
@@ -171,7 +179,9 @@ class ReferenceExecutor:
                 want = (t, self.end - self.start, self.ple_size)
                 if x.per_layer is None or tuple(x.per_layer.shape) != want:
                     got = None if x.per_layer is None else list(x.per_layer.shape)
-                    raise ValueError(f"session {x.session_id!r}: per-layer inputs must be {list(want)}, got {got}")
+                    raise ValueError(
+                        f"session {x.session_id!r}: per-layer inputs must be {list(want)}, got {got}"
+                    )
             total = self.cache.length(x.session_id) + t
             if self.context_length and total > self.context_length:
                 raise ContextLengthError(
@@ -182,7 +192,9 @@ class ReferenceExecutor:
                     context_length=self.context_length,
                 )
 
-    def _masks(self, past: list[int], q_lens: list[int], q_pad: int, kv_len: int) -> dict[int | None, torch.Tensor]:
+    def _masks(
+        self, past: list[int], q_lens: list[int], q_pad: int, kv_len: int
+    ) -> dict[int | None, torch.Tensor]:
         """Boolean masks [B, 1, Q, K] (True = attend), one per distinct window size in the span."""
         b = len(q_lens)
         past_t = torch.tensor(past).view(b, 1, 1)
@@ -200,7 +212,9 @@ class ReferenceExecutor:
             masks[window] = allowed.unsqueeze(1)
         return masks
 
-    def _rotary(self, h: torch.Tensor, pos: torch.Tensor, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary(
+        self, h: torch.Tensor, pos: torch.Tensor, layer_type: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         def call(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             if self.arch.rotary_per_layer_type:
                 return self.rotary(x, p, layer_type)
@@ -260,7 +274,7 @@ class ReferenceExecutor:
 
 
 def split_points_to_spans(num_layers: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
-    """``[2, 4]`` with 6 layers → ``[(0, 2), (2, 4), (4, 6)]``; cuts must be strictly increasing inside (0, n)."""
+    """``[2, 4]`` with 6 layers → ``[(0, 2), (2, 4), (4, 6)]``; cuts strictly increasing inside (0, n)."""
     points = [0, *cuts, num_layers]
     if any(a >= b for a, b in zip(points, points[1:])):
         raise LayerSpanError(

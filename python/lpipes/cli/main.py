@@ -1,0 +1,198 @@
+"""The ``lpipes`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from lpipes import __version__
+from lpipes.errors import LpipesError
+
+log = logging.getLogger("lpipes")
+
+DEMO_ARCH = "qwen3"
+
+
+def _split(text: str) -> list[int]:
+    try:
+        return [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--split takes comma-separated layer indices like 2,4; got {text!r}"
+        ) from None
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument(
+        "--max-tokens", type=_nonneg_int, default=64, help="tokens to generate at most (default 64)"
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling (reproducible output)")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); never printed")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating to exactly --max-tokens tokens")
+    p.add_argument(
+        "--raw", action="store_true", help="send the prompt as plain text, without the model's chat template"
+    )
+    p.add_argument(
+        "--split",
+        type=_split,
+        default=[],
+        metavar="A,B,...",
+        help="cut the layers at these indices and run each span as its own executor (in-process network)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="weight and compute dtype",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lpipes",
+        description="Peer-to-peer distributed inference for open-weight language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"lpipes {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging on stderr (-vv for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from a local or hub model, optionally split into layer spans",
+        description="Generate a completion and print only the generated text to stdout (logs go to stderr).",
+    )
+    gen.add_argument("--model", required=True, help="local Hugging Face model directory or hub id")
+    gen.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    _add_generation_args(gen)
+
+    demo = sub.add_parser(
+        "demo",
+        help="build a small random-weight model locally and generate with it split into three spans",
+        description=(
+            "Build (once, seeded) a tiny random-weight model in the lpipes cache and run a generation "
+            "with its "
+            "layers split over three in-process spans. The weights are random, so the text is gibberish: the "
+            "demo shows the machinery, not a model."
+        ),
+    )
+    demo.add_argument(
+        "--arch", default=DEMO_ARCH, help=f"architecture of the demo model (default {DEMO_ARCH})"
+    )
+    demo.add_argument("--prompt", default="Hello! What can distributed inference do?", help="the prompt text")
+    demo.add_argument("--max-tokens", type=_nonneg_int, default=24, help="tokens to generate (default 24)")
+    return parser
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("LPIPES_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lpipes"
+    )
+    return Path(base)
+
+
+def demo_model(arch: str = DEMO_ARCH) -> Path:
+    """Path of the seeded demo checkpoint, building it on first use."""
+    from lpipes.models.tiny import TINY_ARCHS, make_tiny_checkpoint
+
+    if arch not in TINY_ARCHS:
+        raise LpipesError(f"no demo model for architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
+    path = _cache_dir() / f"demo-{arch}"
+    if not (path / "lpipes-tiny.json").is_file():
+        log.info("building the demo model in %s", path)
+        make_tiny_checkpoint(path, arch, seed=0)
+    return path
+
+
+def _run_generation(model: str | Path, args: argparse.Namespace, revision: str | None = None) -> int:
+    from lpipes.generation.loop import GenerationRequest
+    from lpipes.generation.sampling import SamplingParams
+    from lpipes.runtime.local import build_local_generator
+
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+    generator = build_local_generator(model, split=args.split, dtype=args.dtype, revision=revision)
+    em = generator.end_model
+    if args.raw or not getattr(em.tokenizer, "chat_template", None):
+        prompt_ids = em.encode_prompt(args.prompt)
+    else:
+        prompt_ids = em.encode_chat([{"role": "user", "content": args.prompt}])
+    log.info("prompt: %d tokens; spans: %s", len(prompt_ids), [(s.start, s.end) for s in generator.stages])
+    finish = None
+    n = 0
+    for event in generator.generate([GenerationRequest(prompt_ids, params)]):
+        sys.stdout.write(event.text)
+        sys.stdout.flush()
+        n += 1
+        finish = event.finish_reason
+    sys.stdout.write("\n")
+    log.info("generated %d tokens (finish reason: %s)", n, finish)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return _run_generation(args.model, args, revision=args.revision)
+        if args.command == "demo":
+            path = demo_model(args.arch)
+            demo_args = argparse.Namespace(
+                prompt=args.prompt,
+                max_tokens=args.max_tokens,
+                temperature=0.0,
+                top_p=1.0,
+                top_k=0,
+                seed=None,
+                stop=[],
+                ignore_eos=True,
+                raw=False,
+                split=[2, 4],
+                dtype="float32",
+            )
+            print(
+                f"demo model: {path} (random weights), layers split into [0,2) [2,4) [4,6)", file=sys.stderr
+            )
+            return _run_generation(path, demo_args)
+    except LpipesError as exc:
+        print(f"lpipes: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""The origin's generation loop: embed → layer stages → logits → sample → stream.
+
+The loop does not know where the layers run. It drives a chain of *stages*, each an
+object with ``start``, ``end``, ``forward(list[SequenceInput]) -> list[Tensor]`` and
+``end_session(session_id)`` — an in-process executor today, a network route later.
+It keeps each request's token history (the origin's copy, from which a route can be
+rebuilt) and runs all active requests of one call in lockstep, one batched forward
+pass per step.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+
+from lpipes.errors import ContextLengthError, LayerSpanError
+from lpipes.generation.detokenize import IncrementalDetokenizer
+from lpipes.generation.sampling import Sampler, SamplingParams
+from lpipes.generation.stop import StopStringMatcher
+from lpipes.models.end_model import EndModel
+from lpipes.runtime.reference import SequenceInput
+
+FinishReason = Literal["stop", "length"]
+
+
+class Stage(Protocol):
+    start: int
+    end: int
+
+    def forward(self, inputs: Sequence[SequenceInput]) -> list[torch.Tensor]: ...
+
+    def end_session(self, session_id: str) -> None: ...
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one request.
+
+    ``text`` is the text this token makes safe to show (possibly empty: a partial UTF-8
+    character or a possible stop-string prefix is held back); on the last event it also
+    carries everything still held back. ``finish_reason`` is set on the last event.
+    """
+
+    request_id: str
+    index: int
+    token: int
+    text: str
+    logprob: float
+    top_logprobs: list[tuple[int, float]]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass
+class _Active:
+    request: GenerationRequest
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher | None
+    history: list[int]
+    n_generated: int = 0
+
+
+class Generator:
+    """Generates text with an :class:`EndModel` and a chain of stages covering all layers."""
+
+    def __init__(self, end_model: EndModel, stages: Sequence[Stage]) -> None:
+        spans = [(s.start, s.end) for s in stages]
+        expected = 0
+        for start, end in spans:
+            if start != expected:
+                raise LayerSpanError(
+                    f"stages {spans} do not form a chain covering layers [0, {end_model.num_layers})"
+                )
+            expected = end
+        if expected != end_model.num_layers:
+            raise LayerSpanError(f"stages {spans} do not cover all {end_model.num_layers} layers")
+        self.end_model = end_model
+        self.stages = list(stages)
+
+    # -------------------------------------------------------------- one pass
+    def forward(
+        self, session_ids: Sequence[str], token_ids: Sequence[Sequence[int]], start_positions: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """Run new tokens of several sessions through every stage; returns each one's [T, vocab] logits."""
+        em = self.end_model
+        inputs = []
+        ple_all = []
+        for sid, ids, start in zip(session_ids, token_ids, start_positions):
+            ids_t = torch.tensor(list(ids), dtype=torch.int64)
+            hidden = em.embed(ids_t)
+            ple_all.append(em.per_layer_inputs(ids_t, hidden))
+            positions = torch.arange(start, start + len(ids), dtype=torch.int64)
+            inputs.append(SequenceInput(sid, hidden, positions))
+        for stage in self.stages:
+            for x, ple in zip(inputs, ple_all):
+                x.per_layer = None if ple is None else ple[:, stage.start : stage.end]
+            outputs = stage.forward(inputs)
+            inputs = [SequenceInput(x.session_id, h, x.positions) for x, h in zip(inputs, outputs)]
+        return [em.logits(x.hidden) for x in inputs]
+
+    def end_session(self, session_id: str) -> None:
+        for stage in self.stages:
+            stage.end_session(session_id)
+
+    # ------------------------------------------------------------ generation
+    def check_request(self, request: GenerationRequest) -> None:
+        n, m, ctx = len(request.prompt_ids), request.params.max_tokens, self.end_model.context_length
+        if n == 0:
+            raise ValueError("the prompt is empty: it must contain at least one token")
+        if ctx and n + m > ctx:
+            raise ContextLengthError(
+                f"this model's context length is {ctx} tokens, but {n} prompt tokens + {m} max new tokens "
+                f"= {n + m}; shorten the prompt or lower max_tokens",
+                prompt_tokens=n,
+                max_new_tokens=m,
+                context_length=ctx,
+            )
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> Iterator[TokenEvent]:
+        """Generate for several requests at once, yielding token events as they are produced.
+
+        Every request's session is ended on all stages when it finishes, and for all
+        still-active requests if the caller stops iterating or an error occurs.
+        """
+        for r in requests:
+            self.check_request(r)
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique")
+        tok = self.end_model.tokenizer
+        active = {
+            r.request_id: _Active(
+                request=r,
+                sampler=Sampler(
+                    r.params, eos_token_ids=self.end_model.eos_token_ids, prompt_ids=r.prompt_ids
+                ),
+                detok=IncrementalDetokenizer(tok, prompt_ids=r.prompt_ids),
+                stops=StopStringMatcher(r.params.stop) if r.params.stop else None,
+                history=list(r.prompt_ids),
+            )
+            for r in requests
+        }
+        pending = {rid: list(a.request.prompt_ids) for rid, a in active.items()}  # tokens not yet run
+        started: set[str] = set()
+        try:
+            while active:
+                rids = list(active)
+                starts = [len(active[r].history) - len(pending[r]) for r in rids]
+                started.update(rids)
+                logits = self.forward(rids, [pending[r] for r in rids], starts)
+                for rid, lg in zip(rids, logits):
+                    event = self._advance(active[rid], lg[-1])
+                    if event.finish_reason is not None:
+                        del active[rid]
+                        self.end_session(rid)
+                    else:
+                        pending[rid] = [event.token]
+                    yield event
+        finally:
+            for rid in active:
+                if rid in started:
+                    self.end_session(rid)
+
+    def _advance(self, a: _Active, logits: torch.Tensor) -> TokenEvent:
+        params = a.request.params
+        result = a.sampler.sample(logits)
+        a.history.append(result.token)
+        a.n_generated += 1
+        finish: FinishReason | None = None
+        text = ""
+        if a.sampler.is_stop_token(result.token):
+            finish = "stop"
+        else:
+            text = a.detok.push(result.token)
+            if a.stops is not None:
+                text, stopped = a.stops.push(text)
+                if stopped:
+                    finish = "stop"
+        if finish is None and a.n_generated >= params.max_tokens:
+            finish = "length"
+        if finish is not None and not (a.stops is not None and a.stops.stopped):
+            tail = a.detok.flush()
+            if a.stops is not None:
+                tail, stopped = a.stops.push(tail)
+                if stopped:
+                    finish = "stop"
+                else:
+                    tail += a.stops.flush()
+            text += tail
+        return TokenEvent(
+            request_id=a.request.request_id,
+            index=a.n_generated - 1,
+            token=result.token,
+            text=text,
+            logprob=result.logprob,
+            top_logprobs=result.top_logprobs,
+            finish_reason=finish,
+        )
+
+    def generate_text(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> tuple[str, list[int], FinishReason]:
+        """Convenience: generate one completion; returns (text, token ids, finish reason)."""
+        text, tokens, finish = [], [], "length"
+        for ev in self.generate([GenerationRequest(prompt_ids, params)]):
+            text.append(ev.text)
+            tokens.append(ev.token)
+            if ev.finish_reason:
+                finish = ev.finish_reason
+        return "".join(text), tokens, finish
