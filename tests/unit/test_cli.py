@@ -33,6 +33,8 @@ def test_generate_prints_only_the_completion(tiny_checkpoint):
         "2,4",
         "--ignore-eos",
         "--raw",
+        "--dtype",
+        "float32",
     )
     assert out.returncode == 0, out.stderr
     gen = build_local_generator(path, split=[2, 4])

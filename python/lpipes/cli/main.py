@@ -61,9 +61,18 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=["float32", "float16", "bfloat16"],
-        default="float32",
-        help="weight and compute dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        default="auto",
+        help="weight and compute dtype; auto (default): float16 where the native executor runs the "
+        "architecture, else float32",
+    )
+    p.add_argument(
+        "--executor",
+        choices=["auto", "native", "reference"],
+        default="auto",
+        help="layer executor: native (fused fp16 kernels, llama family), reference (transformers' "
+        "own layers), "
+        "or auto (default): native where supported, else reference",
     )
 
 
@@ -139,7 +148,17 @@ def _run_generation(model: str | Path, args: argparse.Namespace, revision: str |
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
     )
-    generator = build_local_generator(model, split=args.split, dtype=args.dtype, revision=revision)
+    dtype = args.dtype
+    if dtype == "auto":
+        from lpipes.models.checkpoint import open_checkpoint
+        from lpipes.runtime.native import native_support
+
+        ckpt = open_checkpoint(model, revision=revision)
+        native_ok = args.executor != "reference" and native_support(ckpt, "float16") is None
+        dtype = "float16" if native_ok else "float32"
+    generator = build_local_generator(
+        model, split=args.split, dtype=dtype, executor=args.executor, revision=revision
+    )
     em = generator.end_model
     if args.raw or not getattr(em.tokenizer, "chat_template", None):
         prompt_ids = em.encode_prompt(args.prompt)
@@ -179,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ignore_eos=True,
                 raw=False,
                 split=[2, 4],
-                dtype="float32",
+                dtype="auto",
+                executor="auto",
             )
             print(
                 f"demo model: {path} (random weights), layers split into [0,2) [2,4) [4,6)", file=sys.stderr

@@ -26,6 +26,7 @@ class ArchSpec:
     rotary_per_layer_type: bool = False  # rotary(x, pos, layer_type) (gemma3/gemma4)
     per_layer_inputs: bool = False  # Gemma 4 per-layer embeddings (PLE)
     fused_experts: bool = False  # Qwen3-MoE: per-expert tensors on disk, fused 3D params in memory
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + w): 1 for Gemma 3's (1 + w) norms
 
     def _cls(self, name: str) -> Any:
         mod = importlib.import_module(f"transformers.models.{self.module}.modeling_{self.module}")
@@ -72,6 +73,7 @@ ARCHS: dict[str, ArchSpec] = {
             "Gemma3RMSNorm",
             scaled_embedding="Gemma3TextScaledWordEmbedding",
             rotary_per_layer_type=True,
+            norm_offset=1.0,
         ),
         ArchSpec(
             "gemma4_text",

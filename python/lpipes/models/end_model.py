@@ -36,6 +36,8 @@ class EndModel:
         ckpt: an opened checkpoint; only the end-model tensors are read.
         dtype: weight and compute dtype; :meth:`logits` always returns float32.
         tokenizer: an already loaded tokenizer (default: loaded from the checkpoint directory).
+        native_head: compute the final norm and LM head with lpipes' fp32-accumulating fp16 kernels
+            (float16 only) instead of torch.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class EndModel:
         dtype: str | torch.dtype = torch.float32,
         device: str = "cpu",
         tokenizer: Any | None = None,
+        native_head: bool = False,
     ) -> None:
         if device != "cpu":
             raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
@@ -79,6 +82,12 @@ class EndModel:
             lambda: nn.Linear(hidden, vocab, bias=False), {"weight": head_w}, self.dtype
         )
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        self._native_head = None
+        if native_head:
+            if self.dtype != torch.float16:
+                raise ValueError(f"native_head needs float16 weights, not {self.dtype}")
+            norm_w = self.norm.weight.float().contiguous()
+            self._native_head = (norm_w, eps, self.arch.norm_offset, self.lm_head.weight.contiguous())
 
         self.ple_size = 0
         if "embed_tokens_per_layer" in names:
@@ -174,7 +183,17 @@ class EndModel:
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] final hidden states → [N, vocab] float32 logits (final norm, head, softcap)."""
-        out = self.lm_head(self.norm(hidden.to(self.dtype))).float()
+        if self._native_head is not None:
+            from lpipes import _C
+
+            norm_w, eps, offset, head_w = self._native_head
+            x = hidden.float().contiguous()
+            normed = torch.empty_like(x)
+            _C.rms_norm(x, norm_w, eps, offset, normed)
+            out = torch.empty((x.shape[0], head_w.shape[0]), dtype=torch.float32)
+            _C.linear_f16(normed, head_w, out)
+        else:
+            out = self.lm_head(self.norm(hidden.to(self.dtype))).float()
         if self.softcap:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out

@@ -6,15 +6,50 @@ peers will, so it is the reference for what a distributed run must produce.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from lpipes.generation.loop import Generator
-from lpipes.models.checkpoint import open_checkpoint
+from lpipes.errors import LpipesError
+from lpipes.generation.loop import Generator, Stage
+from lpipes.models.checkpoint import Checkpoint, open_checkpoint
 from lpipes.models.end_model import EndModel
 from lpipes.runtime.reference import ReferenceExecutor, split_points_to_spans
+
+log = logging.getLogger(__name__)
+
+ExecutorKind = Literal["auto", "native", "reference"]
+
+
+def make_executor(
+    ckpt: Checkpoint,
+    start: int,
+    end: int,
+    *,
+    dtype: str | torch.dtype,
+    executor: ExecutorKind = "auto",
+    kv_cache_bytes: int | None = None,
+) -> Stage:
+    """A span executor: ``native`` (fused fp16 llama-family span), ``reference`` (transformers' layers),
+    or ``auto``: native when the architecture and dtype allow, else reference."""
+    from lpipes.runtime.native import native_support
+
+    if executor not in ("auto", "native", "reference"):
+        raise LpipesError(f"executor must be auto, native or reference; got {executor!r}")
+    reason = native_support(ckpt, dtype) if executor != "reference" else "reference requested"
+    if executor == "native" and reason is not None:
+        raise LpipesError(f"the native executor does not support {reason}; use --executor reference")
+    if reason is None:
+        from lpipes.runtime.native import NativeExecutor
+
+        kwargs = {"kv_cache_bytes": kv_cache_bytes} if kv_cache_bytes else {}
+        return NativeExecutor(ckpt, start, end, dtype=dtype, **kwargs)
+    if executor == "auto":
+        log.info("layers [%d, %d): reference executor (native does not support %s)", start, end, reason)
+    return ReferenceExecutor(ckpt, start, end, dtype=dtype)
 
 
 def build_local_generator(
@@ -22,24 +57,34 @@ def build_local_generator(
     *,
     split: Sequence[int] = (),
     dtype: str | torch.dtype = "float32",
+    executor: ExecutorKind = "auto",
     revision: str | None = None,
 ) -> Generator:
-    """An end model plus one :class:`ReferenceExecutor` per span, each opening the checkpoint on its own.
+    """An end model plus one executor per span, each opening the checkpoint on its own.
 
     Args:
         model: local directory or hub id.
         split: layer indices where the model is cut, e.g. ``[2, 4]`` → spans [0,2), [2,4), [4,n).
         dtype: float32, float16 or bfloat16.
+        executor: ``auto`` (native where supported), ``native`` or ``reference``.
     """
     end_ckpt = open_checkpoint(model, end_model=True, revision=revision)
     spans = split_points_to_spans(end_ckpt.num_layers, list(split))
     for span in spans:  # check every span before loading anything
         open_checkpoint(end_ckpt.path, layers=span, end_model=False)
-    end = EndModel(end_ckpt, dtype=dtype)
     stages = [
-        ReferenceExecutor(
-            open_checkpoint(model, layers=span, end_model=False, revision=revision), *span, dtype=dtype
+        make_executor(
+            open_checkpoint(model, layers=span, end_model=False, revision=revision),
+            *span,
+            dtype=dtype,
+            executor=executor,
         )
         for span in spans
     ]
+    from lpipes.runtime.native import NativeExecutor
+
+    # With native spans the LM head uses the same fp16 GEMV (a quarter of the bytes read per token
+    # for small models).
+    native = all(isinstance(s, NativeExecutor) for s in stages)
+    end = EndModel(end_ckpt, dtype=dtype, native_head=native)
     return Generator(end, stages)

@@ -27,7 +27,8 @@ from lpipes.errors import ContextLengthError, LayerSpanError
 from lpipes.models.arch import attention_window, check_span, kv_producers, layer_types
 from lpipes.models.checkpoint import Checkpoint
 from lpipes.models.modules import load_decoder_layers, parse_dtype
-from lpipes.runtime.kv import DenseKVCache, KVCache, SessionId
+from lpipes.runtime.kv import KVCache, SessionId
+from lpipes.runtime.paged import DEFAULT_KV_CACHE_BYTES, PagedKVCache, layer_shapes_of
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,8 @@ class ReferenceExecutor:
         ckpt: an opened checkpoint (only this span's tensors are read).
         start, end: absolute layer indices of the span.
         dtype: compute and weight dtype (float32, float16, bfloat16).
-        cache: KV storage; defaults to a new :class:`DenseKVCache`.
+        cache: KV storage; defaults to a paged cache of ``kv_cache_bytes`` in the executor's dtype.
+        kv_cache_bytes: budget of the default paged cache (memory is committed only as blocks fill).
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class ReferenceExecutor:
         dtype: str | torch.dtype = torch.float32,
         device: str = "cpu",
         cache: KVCache | None = None,
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
     ) -> None:
         if device != "cpu":
             raise ValueError(f"device {device!r} is not supported yet; use 'cpu'")
@@ -140,7 +143,11 @@ class ReferenceExecutor:
         )
         # longrope picks its frequencies from max(position) of the whole call: compute it per sequence.
         self._rope_per_sequence = bool(rope_types & {"longrope", "dynamic"})
-        self.cache: KVCache = cache if cache is not None else DenseKVCache()
+        if cache is None:
+            cache = PagedKVCache.from_budget(
+                layer_shapes_of(self.layers), kv_cache_bytes, self.dtype, first_layer=start
+            )
+        self.cache: KVCache = cache
         self.ple_size = (
             int(getattr(self.config, "hidden_size_per_layer_input", 0) or 0)
             if self.arch.per_layer_inputs
@@ -157,40 +164,14 @@ class ReferenceExecutor:
 
     # ------------------------------------------------------------------- forward
     def _check(self, inputs: Sequence[SequenceInput]) -> None:
-        if not inputs:
-            raise ValueError("forward() needs at least one sequence")
-        seen = set()
-        for x in inputs:
-            if x.session_id in seen:
-                raise ValueError(f"session {x.session_id!r} appears twice in one batch")
-            seen.add(x.session_id)
-            if x.hidden.ndim != 2 or x.hidden.shape[1] != self.hidden_size or x.hidden.shape[0] < 1:
-                raise ValueError(
-                    f"session {x.session_id!r}: hidden states must be [T>=1, {self.hidden_size}], "
-                    f"got {list(x.hidden.shape)}"
-                )
-            t = x.hidden.shape[0]
-            if x.positions.shape != (t,) or x.positions.dtype not in (torch.int64, torch.int32):
-                raise ValueError(
-                    f"session {x.session_id!r}: positions must be an int64 tensor of shape [{t}], "
-                    f"got {x.positions.dtype} {list(x.positions.shape)}"
-                )
-            if self.ple_size:
-                want = (t, self.end - self.start, self.ple_size)
-                if x.per_layer is None or tuple(x.per_layer.shape) != want:
-                    got = None if x.per_layer is None else list(x.per_layer.shape)
-                    raise ValueError(
-                        f"session {x.session_id!r}: per-layer inputs must be {list(want)}, got {got}"
-                    )
-            total = self.cache.length(x.session_id) + t
-            if self.context_length and total > self.context_length:
-                raise ContextLengthError(
-                    f"session {x.session_id!r} would hold {total} tokens, more than the model's "
-                    f"context length of {self.context_length}",
-                    prompt_tokens=total,
-                    max_new_tokens=0,
-                    context_length=self.context_length,
-                )
+        check_inputs(
+            inputs,
+            hidden_size=self.hidden_size,
+            span=(self.start, self.end),
+            ple_size=self.ple_size,
+            cache=self.cache,
+            context_length=self.context_length,
+        )
 
     def _masks(
         self, past: list[int], q_lens: list[int], q_pad: int, kv_len: int
@@ -271,6 +252,52 @@ class ReferenceExecutor:
             raise
         self.cache.commit(sids, q_lens)
         return [h[i, q_pad - q_lens[i] :].clone() for i in range(b)]
+
+
+def check_inputs(
+    inputs: Sequence[SequenceInput],
+    *,
+    hidden_size: int,
+    span: tuple[int, int],
+    ple_size: int,
+    cache: KVCache,
+    context_length: int,
+) -> None:
+    """Validate one executor call's inputs (shapes, dtypes, duplicates, context length) before any work."""
+    if not inputs:
+        raise ValueError("forward() needs at least one sequence")
+    seen = set()
+    for x in inputs:
+        who = f"session {x.session_id!r}"
+        if x.session_id in seen:
+            raise ValueError(f"session {x.session_id!r} appears twice in one batch")
+        seen.add(x.session_id)
+        if x.hidden.ndim != 2 or x.hidden.shape[1] != hidden_size or x.hidden.shape[0] < 1:
+            raise ValueError(
+                f"{who}: hidden states must be [T>=1, {hidden_size}], got {list(x.hidden.shape)}"
+            )
+        if not x.hidden.is_floating_point():
+            raise ValueError(f"{who}: hidden states must be floating point, got {x.hidden.dtype}")
+        t = x.hidden.shape[0]
+        if x.positions.shape != (t,) or x.positions.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"{who}: positions must be an int64 tensor of shape [{t}], "
+                f"got {x.positions.dtype} {list(x.positions.shape)}"
+            )
+        if ple_size:
+            want = (t, span[1] - span[0], ple_size)
+            if x.per_layer is None or tuple(x.per_layer.shape) != want:
+                got = None if x.per_layer is None else list(x.per_layer.shape)
+                raise ValueError(f"{who}: per-layer inputs must be {list(want)}, got {got}")
+        total = cache.length(x.session_id) + t
+        if context_length and total > context_length:
+            raise ContextLengthError(
+                f"session {x.session_id!r} would hold {total} tokens, more than the model's "
+                f"context length of {context_length}",
+                prompt_tokens=total,
+                max_new_tokens=0,
+                context_length=context_length,
+            )
 
 
 def split_points_to_spans(num_layers: int, cuts: Sequence[int]) -> list[tuple[int, int]]:

@@ -1,0 +1,233 @@
+"""The native executor: a fused fp16 decoder span for the llama family, run by lpipes._C.
+
+Same contract as :class:`~lpipes.runtime.reference.ReferenceExecutor` (``forward`` /
+``end_session`` / ``session_length``), but every layer of the span runs in one native
+call per step: fp16 weights streamed once by the SIMD GEMV, fp32 activations and
+accumulation, K/V in the paged fp16 cache. Python only computes the RoPE tables with
+the architecture's own rotary module (so every RoPE variant is exact) and does the
+block bookkeeping.
+
+Supported: llama, mistral, qwen2, qwen3, phi3 and gemma3_text in float16 on CPU.
+Anything else uses the reference executor (``executor="auto"`` picks for you).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from lpipes.errors import LpipesError
+from lpipes.models.arch import attention_window, check_span, layer_types
+from lpipes.models.checkpoint import Checkpoint
+from lpipes.models.modules import load_decoder_layers, parse_dtype
+from lpipes.runtime.paged import DEFAULT_KV_CACHE_BYTES, PagedKVCache
+from lpipes.runtime.reference import SequenceInput, check_inputs
+
+log = logging.getLogger(__name__)
+
+NATIVE_ARCHS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text"})
+
+
+class NativeUnsupportedError(LpipesError, ValueError):
+    """The native executor cannot run this architecture, dtype or device."""
+
+
+def native_support(ckpt: Checkpoint, dtype: str | torch.dtype, device: str = "cpu") -> str | None:
+    """None if the native executor can run this checkpoint; otherwise the reason it cannot."""
+    if device != "cpu":
+        return f"device {device!r} (the native executor runs on CPU)"
+    if parse_dtype(dtype) != torch.float16:
+        return f"dtype {parse_dtype(dtype)} (the native executor runs float16)"
+    if ckpt.model_type not in NATIVE_ARCHS:
+        return f"architecture {ckpt.model_type!r} (native: {', '.join(sorted(NATIVE_ARCHS))})"
+    cfg = ckpt.text_config
+    act = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
+    if act not in ("silu", "gelu_pytorch_tanh"):
+        return f"activation {act!r}"
+    if getattr(cfg, "attn_logit_softcapping", None) and ckpt.model_type != "gemma3_text":
+        return "attention logit softcapping"
+    return None
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
+def _f16(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float16).contiguous()
+
+
+class NativeExecutor:
+    """Runs decoder layers ``[start, end)`` natively for batches of sessions (fp16 weights and KV).
+
+    Args:
+        ckpt: an opened checkpoint (only this span's tensors are read).
+        start, end: absolute layer indices of the span.
+        kv_cache_bytes: byte budget of the paged KV pool.
+        block_size: tokens per KV block.
+    """
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        start: int,
+        end: int,
+        *,
+        dtype: str | torch.dtype = torch.float16,
+        device: str = "cpu",
+        kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
+        block_size: int = 16,
+    ) -> None:
+        from lpipes import _C
+
+        reason = native_support(ckpt, dtype, device)
+        if reason is not None:
+            raise NativeUnsupportedError(
+                f"the native executor does not support {reason}; use the reference executor"
+            )
+        check_span(ckpt.text_config, start, end)
+        self.start, self.end = start, end
+        self.dtype = torch.float16
+        self.arch = ckpt.arch
+        self.config = cfg = copy.copy(ckpt.text_config)
+        self.hidden_size = int(cfg.hidden_size)
+        self.context_length = ckpt.context_length
+        self.ple_size = 0
+        gemma = ckpt.model_type == "gemma3_text"
+        layers = load_decoder_layers(ckpt, start, end, dtype=torch.float16, config=cfg)
+        first = layers[0].self_attn
+        head_dim = int(first.head_dim)
+        num_heads = int(cfg.num_attention_heads)
+        num_kv_heads = int(cfg.num_key_value_heads)
+        types = layer_types(cfg)
+        self._tables = sorted({types[i] for i in range(start, end)})
+        self.rotary = self.arch.rotary_cls(config=cfg)
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        kinds = (
+            {v.get("rope_type") for v in rope.values()}
+            if self.arch.rotary_per_layer_type
+            else {rope.get("rope_type")}
+        )
+        self._rope_per_sequence = bool(kinds & {"longrope", "dynamic"})
+
+        weights = []
+        intermediate = None
+        for j, layer in enumerate(layers):
+            i = start + j
+            attn, mlp = layer.self_attn, layer.mlp
+            if hasattr(attn, "qkv_proj"):
+                qkv, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+            else:
+                qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+                bias = (
+                    torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+                    if attn.q_proj.bias is not None
+                    else None
+                )
+            if hasattr(mlp, "gate_up_proj"):
+                gate_up = mlp.gate_up_proj.weight
+            else:
+                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+            intermediate = gate_up.shape[0] // 2
+            w = {
+                "qkv": _f16(qkv),
+                "qkv_bias": _f32(bias),
+                "o": _f16(attn.o_proj.weight),
+                "gate_up": _f16(gate_up),
+                "down": _f16(mlp.down_proj.weight),
+                "input_norm": _f32(layer.input_layernorm.weight),
+                "post_attn_norm": _f32(layer.post_attention_layernorm.weight),
+                "q_norm": _f32(attn.q_norm.weight) if hasattr(attn, "q_norm") else None,
+                "k_norm": _f32(attn.k_norm.weight) if hasattr(attn, "k_norm") else None,
+                "scale": float(attn.scaling),
+                "window": attention_window(cfg, i) or 0,
+                "rope_table": self._tables.index(types[i]),
+            }
+            if gemma:
+                w["pre_ff_norm"] = _f32(layer.pre_feedforward_layernorm.weight)
+                w["post_ff_norm"] = _f32(layer.post_feedforward_layernorm.weight)
+            weights.append(w)
+        del layers  # the HF modules; the span keeps only the fused tensors above
+        act = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
+        native_cfg = {
+            "hidden": self.hidden_size,
+            "num_heads": num_heads,
+            "num_kv_heads": num_kv_heads,
+            "head_dim": head_dim,
+            "intermediate": int(intermediate),
+            "eps": float(cfg.rms_norm_eps),
+            "norm_offset": self.arch.norm_offset,
+            "act": "gelu_tanh" if act == "gelu_pytorch_tanh" else "silu",
+            "sandwich_norms": gemma,
+        }
+        self._span = _C.NativeSpan(native_cfg, weights)
+        self.cache = PagedKVCache.from_budget(
+            [(num_kv_heads, head_dim, head_dim)] * (end - start),
+            kv_cache_bytes,
+            dtype="float16",
+            block_size=block_size,
+            first_layer=start,
+        )
+        self.weight_bytes = sum(
+            t.numel() * t.element_size() for w in weights for t in w.values() if torch.is_tensor(t)
+        )
+
+    # ------------------------------------------------------------------ sessions
+    def session_length(self, session_id: str) -> int:
+        return self.cache.length(session_id)
+
+    def end_session(self, session_id: str) -> None:
+        """Free a session's KV blocks (unknown sessions raise :class:`~lpipes.errors.SessionError`)."""
+        self.cache.end(session_id)
+
+    # ------------------------------------------------------------------- forward
+    def _rope_tables(
+        self, positions: torch.Tensor, lens: list[int]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        dummy = torch.empty((1, 1, 1), dtype=torch.float32)
+        cos, sin = [], []
+        for layer_type in self._tables:
+
+            def call(p: torch.Tensor, lt: str = layer_type) -> tuple[torch.Tensor, torch.Tensor]:
+                args = (dummy, p[None]) + ((lt,) if self.arch.rotary_per_layer_type else ())
+                c, s = self.rotary(*args)
+                return c[0], s[0]
+
+            if self._rope_per_sequence and len(lens) > 1:
+                parts = [call(p) for p in positions.split(lens)]
+                c, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            else:
+                c, s = call(positions)
+            cos.append(c.float().contiguous())
+            sin.append(s.float().contiguous())
+        return cos, sin
+
+    @torch.inference_mode()
+    def forward(self, inputs: Sequence[SequenceInput]) -> list[torch.Tensor]:
+        """Run the span for a batch of sessions; returns each one's [T, hidden_size] output (input dtype)."""
+        check_inputs(
+            inputs,
+            hidden_size=self.hidden_size,
+            span=(self.start, self.end),
+            ple_size=0,
+            cache=self.cache,
+            context_length=self.context_length,
+        )
+        sids = [x.session_id for x in inputs]
+        lens = [x.hidden.shape[0] for x in inputs]
+        starts = [self.cache.length(s) for s in sids]
+        self.cache.reserve(sids, lens)
+        try:
+            h = torch.cat([x.hidden for x in inputs]).to(torch.float32).contiguous()
+            positions = torch.cat([x.positions for x in inputs]).to(torch.int64)
+            cos, sin = self._rope_tables(positions, lens)
+            keys = [self.cache.native_id(s) for s in sids]
+            self._span.forward(self.cache.native, h, keys, starts, lens, cos, sin)
+        except BaseException:
+            self.cache.rollback(sids)
+            raise
+        self.cache.commit(sids, lens)
+        return [part.to(x.hidden.dtype) for part, x in zip(h.split(lens), inputs)]
