@@ -14,14 +14,6 @@ namespace py = pybind11;
 namespace lpipes {
 namespace {
 
-isa_t parse_isa(const std::string& s) {
-  if (s == "auto") return isa_t::automatic;
-  if (s == "scalar") return isa_t::scalar;
-  if (s == "avx2") return isa_t::avx2;
-  if (s == "avx512") return isa_t::avx512;
-  fail("isa: expected 'auto', 'scalar', 'avx2' or 'avx512', got '", s, "'");
-}
-
 // Parse and check that this CPU can run it (throws before any work is done).
 isa_t checked_isa(const std::string& s) { return resolve_isa(parse_isa(s)); }
 
@@ -31,15 +23,9 @@ act_t parse_act(const std::string& s) {
   fail("act: expected 'silu' or 'gelu_tanh', got '", s, "'");
 }
 
-// An empty tensor has no layout to check (torch gives it arbitrary strides).
-const tensor_view_t& expect_contiguous(const tensor_view_t& v) {
-  if (v.numel() > 0) v.expect_contiguous();
-  return v;
-}
-
 const tensor_view_t& expect_tensor(const tensor_view_t& v, dtype_t dtype, int ndim) {
   v.expect_dtype(dtype).expect_ndim(ndim);
-  return expect_contiguous(v);
+  return v.expect_contiguous();
 }
 
 size_t nbytes(const tensor_view_t& v) { return static_cast<size_t>(v.numel()) * dtype_size(v.dtype); }
@@ -158,8 +144,8 @@ void bind_kernels(py::module_& m) {
       "f16_to_f32",
       [](py::handle src_obj, py::handle dst_obj, const std::string& isa_s) {
         const tensor_view_t src = as_view(src_obj, "src"), dst = as_view(dst_obj, "dst");
-        expect_contiguous(src.expect_dtype(dtype_t::f16));
-        expect_contiguous(dst.expect_dtype(dtype_t::f32));
+        src.expect_dtype(dtype_t::f16).expect_contiguous();
+        dst.expect_dtype(dtype_t::f32).expect_contiguous();
         LPIPES_CHECK(src.numel() == dst.numel(), "dst: expected ", src.numel(), " elements (as src ",
                      src.shape_str(), "), got shape ", dst.shape_str());
         expect_no_overlap(dst, src);
@@ -174,8 +160,8 @@ void bind_kernels(py::module_& m) {
       "f32_to_f16",
       [](py::handle src_obj, py::handle dst_obj, const std::string& isa_s) {
         const tensor_view_t src = as_view(src_obj, "src"), dst = as_view(dst_obj, "dst");
-        expect_contiguous(src.expect_dtype(dtype_t::f32));
-        expect_contiguous(dst.expect_dtype(dtype_t::f16));
+        src.expect_dtype(dtype_t::f32).expect_contiguous();
+        dst.expect_dtype(dtype_t::f16).expect_contiguous();
         LPIPES_CHECK(src.numel() == dst.numel(), "dst: expected ", src.numel(), " elements (as src ",
                      src.shape_str(), "), got shape ", dst.shape_str());
         expect_no_overlap(dst, src);
@@ -190,7 +176,7 @@ void bind_kernels(py::module_& m) {
       "read_memory",
       [](py::handle buf_obj, const std::string& isa_s) {
         const tensor_view_t buf = as_view(buf_obj, "buf");
-        expect_contiguous(buf);
+        buf.expect_contiguous();
         const isa_t isa = checked_isa(isa_s);
         const int64_t bytes = static_cast<int64_t>(nbytes(buf));
         py::gil_scoped_release release;

@@ -23,14 +23,6 @@ dtype_t parse_cache_dtype(const std::string& s) {
   fail("PagedKVCache: dtype must be \"float16\", \"float32\" or \"bfloat16\", got \"", s, "\"");
 }
 
-isa_t parse_attention_isa(const std::string& s) {
-  if (s == "auto") return isa_t::automatic;
-  if (s == "scalar") return isa_t::scalar;
-  if (s == "avx2") return isa_t::avx2;
-  if (s == "avx512") return isa_t::avx512;
-  fail("isa must be \"auto\", \"scalar\", \"avx2\" or \"avx512\", got \"", s, "\"");
-}
-
 int32_t to_i32(int64_t v, const char* name) {
   LPIPES_CHECK(v >= std::numeric_limits<int32_t>::min() && v <= std::numeric_limits<int32_t>::max(), name,
                ": value ", v, " does not fit in int32");
@@ -72,7 +64,7 @@ void attention_entry(PagedKVCache& cache, int64_t layer_arg, const std::vector<u
   const int32_t layer = check_layer(cache, layer_arg, "paged_attention");
   LPIPES_CHECK(cache.dtype() == dtype_t::f16, "paged_attention: the cache must store float16 K/V, got ",
                dtype_name(cache.dtype()));
-  const isa_t isa = kv_detail::attention_isa(parse_attention_isa(isa_s));
+  const isa_t isa = kv_detail::attention_isa(parse_isa(isa_s));
   const kv_layer_shape_t& shape = cache.layer(layer);
   const size_t B = session_ids.size();
   LPIPES_CHECK(q_starts.size() == B, "paged_attention: q_starts must have one entry per session (", B, "), got ",
@@ -212,7 +204,7 @@ position must have been written. window > 0: a sliding window of `window` tokens
 softcap > 0: scores = softcap * tanh(scores / softcap). isa: "auto", "scalar", "avx2" or "avx512".
 )doc");
   m.def(
-      "paged_attention_isa", [](const std::string& isa) { return kv_detail::attention_isa_name(kv_detail::attention_isa(parse_attention_isa(isa))); },
+      "paged_attention_isa", [](const std::string& isa) { return kv_detail::attention_isa_name(kv_detail::attention_isa(parse_isa(isa))); },
       py::arg("isa") = "auto", "The variant paged_attention runs for `isa` on this CPU (NativeError if unsupported).");
 }
 

@@ -53,7 +53,7 @@ isa_t parse_isa(const std::string& name) {
   if (name == "scalar") return isa_t::scalar;
   if (name == "avx2") return isa_t::avx2;
   if (name == "avx512") return isa_t::avx512;
-  fail("isa must be one of auto, scalar, avx2, avx512; got '", name, "'");
+  fail("isa: expected 'auto', 'scalar', 'avx2' or 'avx512', got '", name, "'");
 }
 
 }  // namespace lpipes

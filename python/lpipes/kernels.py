@@ -1,9 +1,10 @@
 """Thin torch wrappers of the native CPU kernels (``lpipes._C``).
 
 Activations are float32, weights float16 (as stored in checkpoints); every kernel accumulates in fp32.
-The wrappers allocate outputs with torch when ``out`` is not given and pass contiguous tensors to the
-native code, which validates dtypes and shapes and raises ``lpipes._C.NativeError`` (a ValueError)
-naming the offending argument.
+The wrappers allocate outputs with torch when ``out`` is not given and flatten leading dimensions
+(without copying, except that ``linear`` makes ``x`` contiguous); the native code validates dtypes,
+shapes, contiguity and aliasing and raises ``lpipes._C.NativeError`` (a ValueError) naming the
+offending argument. Kernels run on lpipes' own thread pool (``lpipes._C.set_num_threads``).
 
 Every function takes ``isa``: ``"auto"`` (the best variant this CPU supports: avx512 > avx2 > scalar),
 or ``"scalar"``, ``"avx2"``, ``"avx512"`` to force one (a variant the CPU lacks raises NativeError).

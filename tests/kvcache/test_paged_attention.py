@@ -257,7 +257,7 @@ def test_bad_arguments():
         call(softcap=-1.0)
     with pytest.raises(E, match="scale must be finite"):
         call(scale=float("inf"))
-    with pytest.raises(E, match='isa must be "auto", "scalar", "avx2" or "avx512", got "sse"'):
+    with pytest.raises(E, match="isa: expected 'auto', 'scalar', 'avx2' or 'avx512', got 'sse'"):
         call(isa="sse")
     assert _C.paged_attention_isa("scalar") == "scalar"
     assert _C.paged_attention_isa() in {"scalar", "avx2", "avx512"}

@@ -88,6 +88,7 @@ struct tensor_view_t {
     return n;
   }
   bool is_contiguous() const {
+    if (numel() == 0) return true;  // an empty tensor has no layout (torch gives it arbitrary strides)
     int64_t expect = 1;
     for (int i = ndim - 1; i >= 0; --i) {
       if (shape[i] != 1 && strides[i] != expect) return false;
