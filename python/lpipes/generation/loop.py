@@ -90,9 +90,16 @@ class Generator:
 
     # -------------------------------------------------------------- one pass
     def forward(
-        self, session_ids: Sequence[str], token_ids: Sequence[Sequence[int]], start_positions: Sequence[int]
+        self,
+        session_ids: Sequence[str],
+        token_ids: Sequence[Sequence[int]],
+        start_positions: Sequence[int],
+        *,
+        last_only: bool = False,
     ) -> list[torch.Tensor]:
-        """Run new tokens of several sessions through every stage; returns each one's [T, vocab] logits."""
+        """Run new tokens of several sessions through every stage; returns each one's [T, vocab] logits
+        (``[1, vocab]`` for the last position only with ``last_only``: a prefill then skips the LM head
+        for every other prompt token, which for small models costs as much as all the layers)."""
         em = self.end_model
         inputs = []
         ple_all = []
@@ -107,7 +114,7 @@ class Generator:
                 x.per_layer = None if ple is None else ple[:, stage.start : stage.end]
             outputs = stage.forward(inputs)
             inputs = [SequenceInput(x.session_id, h, x.positions) for x, h in zip(inputs, outputs)]
-        return [em.logits(x.hidden) for x in inputs]
+        return [em.logits(x.hidden[-1:] if last_only else x.hidden) for x in inputs]
 
     def end_session(self, session_id: str) -> None:
         for stage in self.stages:
@@ -158,7 +165,7 @@ class Generator:
                 rids = list(active)
                 starts = [len(active[r].history) - len(pending[r]) for r in rids]
                 started.update(rids)
-                logits = self.forward(rids, [pending[r] for r in rids], starts)
+                logits = self.forward(rids, [pending[r] for r in rids], starts, last_only=True)
                 for rid, lg in zip(rids, logits):
                     event = self._advance(active[rid], lg[-1])
                     if event.finish_reason is not None:
