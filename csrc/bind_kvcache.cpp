@@ -204,7 +204,7 @@ position must have been written. window > 0: a sliding window of `window` tokens
 softcap > 0: scores = softcap * tanh(scores / softcap). isa: "auto", "scalar", "avx2" or "avx512".
 )doc");
   m.def(
-      "paged_attention_isa", [](const std::string& isa) { return kv_detail::attention_isa_name(kv_detail::attention_isa(parse_isa(isa))); },
+      "paged_attention_isa", [](const std::string& isa) { return isa_name(kv_detail::attention_isa(parse_isa(isa))); },
       py::arg("isa") = "auto", "The variant paged_attention runs for `isa` on this CPU (NativeError if unsupported).");
 }
 

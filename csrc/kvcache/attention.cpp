@@ -85,16 +85,6 @@ const attn_kernels_t kScalar = {qk_scalar, pv_scalar, exp_sum_scalar, to_f16_sca
 
 }  // namespace
 
-const char* attention_isa_name(isa_t isa) {
-  switch (isa) {
-    case isa_t::automatic: return "auto";
-    case isa_t::scalar: return "scalar";
-    case isa_t::avx2: return "avx2";
-    case isa_t::avx512: return "avx512";
-  }
-  return "unknown";
-}
-
 isa_t attention_isa(isa_t requested) {
 #if defined(LPIPES_X86)
   static const std::string best = best_isa();

@@ -137,7 +137,6 @@ struct attn_kernels_t {
 // The variant `requested` runs as: automatic -> the best this CPU supports (from best_isa());
 // an explicit variant the CPU (or this build) lacks -> lpipes::error.
 isa_t attention_isa(isa_t requested);
-const char* attention_isa_name(isa_t isa);
 const attn_kernels_t& attn_kernels(isa_t resolved);
 
 #if defined(LPIPES_X86)

@@ -57,6 +57,22 @@ class KVCache(Protocol):
         """Free a session's storage; an unknown session raises :class:`SessionError`."""
 
 
+def pad_sessions_kv(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor]], kv_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-session (key [Hkv, n, D], value [Hkv, n, Dv]) into [B, Hkv, kv_len, D|Dv], zero-padded
+    on the right (no copy for a single session that fills kv_len)."""
+    if len(parts) == 1 and parts[0][0].shape[1] == kv_len:
+        return parts[0][0].unsqueeze(0), parts[0][1].unsqueeze(0)
+    k0, v0 = parts[0]
+    keys = k0.new_zeros((len(parts), k0.shape[0], kv_len, k0.shape[2]))
+    values = v0.new_zeros((len(parts), v0.shape[0], kv_len, v0.shape[2]))
+    for b, (k, v) in enumerate(parts):
+        keys[b, :, : k.shape[1]] = k
+        values[b, :, : v.shape[1]] = v
+    return keys, values
+
+
 @dataclass
 class _Session:
     length: int = 0
@@ -102,16 +118,7 @@ class DenseKVCache:
     def gather(
         self, session_ids: Sequence[SessionId], layer_idx: int, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [self._sessions[sid].layers[layer_idx] for sid in session_ids]
-        if len(parts) == 1 and parts[0][0].shape[1] == kv_len:
-            return parts[0][0].unsqueeze(0), parts[0][1].unsqueeze(0)
-        k0, v0 = parts[0]
-        keys = k0.new_zeros((len(parts), k0.shape[0], kv_len, k0.shape[2]))
-        values = v0.new_zeros((len(parts), v0.shape[0], kv_len, v0.shape[2]))
-        for b, (k, v) in enumerate(parts):
-            keys[b, :, : k.shape[1]] = k
-            values[b, :, : v.shape[1]] = v
-        return keys, values
+        return pad_sessions_kv([self._sessions[sid].layers[layer_idx] for sid in session_ids], kv_len)
 
     def commit(self, session_ids: Sequence[SessionId], q_lens: Sequence[int]) -> None:
         for sid, q in zip(session_ids, q_lens):

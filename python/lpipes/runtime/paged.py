@@ -23,7 +23,7 @@ import torch
 
 from lpipes import _C
 from lpipes.errors import LpipesError, SessionError
-from lpipes.runtime.kv import SessionId
+from lpipes.runtime.kv import SessionId, pad_sessions_kv
 
 LayerShape = tuple[int, int, int]
 """``(num_kv_heads, head_dim, head_dim_v)`` of one layer."""
@@ -331,15 +331,7 @@ class PagedKVCache:
             if n > kv_len:
                 raise ValueError(f"session {sid_str!r} holds {n} tokens, more than kv_len={kv_len}")
             parts.append(self._session_kv(sid, layer_idx, n))
-        if len(parts) == 1 and parts[0][0].shape[1] == kv_len:
-            return parts[0][0].unsqueeze(0), parts[0][1].unsqueeze(0)
-        k0, v0 = parts[0]
-        keys = k0.new_zeros((len(parts), k0.shape[0], kv_len, k0.shape[2]))
-        values = v0.new_zeros((len(parts), v0.shape[0], kv_len, v0.shape[2]))
-        for b, (k, v) in enumerate(parts):
-            keys[b, :, : k.shape[1]] = k
-            values[b, :, : v.shape[1]] = v
-        return keys, values
+        return pad_sessions_kv(parts, kv_len)
 
     def commit(self, session_ids: Sequence[SessionId], q_lens: Sequence[int]) -> None:
         """Make this step's appends permanent (each session's length grows by its q_len)."""
