@@ -118,6 +118,17 @@ def attention_window(config: Any, layer_idx: int) -> int | None:
     return None
 
 
+def rope_couples_sequences(spec: ArchSpec, config: Any) -> bool:
+    """True when RoPE tables depend on the whole call, not just each position: ``longrope`` picks its
+    factors from the largest position in the call and ``dynamic`` rescales with it. Batched sessions
+    must then get their tables computed one sequence at a time."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    kinds = (
+        {v.get("rope_type") for v in rope.values()} if spec.rotary_per_layer_type else {rope.get("rope_type")}
+    )
+    return bool(kinds & {"longrope", "dynamic"})
+
+
 def kv_producers(config: Any) -> dict[int, int]:
     """Gemma 4 KV sharing: consumer layer index → the earlier layer whose K/V it reuses.
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from lpipes.errors import LpipesError
-from lpipes.models.arch import attention_window, check_span, layer_types
+from lpipes.models.arch import attention_window, check_span, layer_types, rope_couples_sequences
 from lpipes.models.checkpoint import Checkpoint
 from lpipes.models.modules import load_decoder_layers, parse_dtype
 from lpipes.runtime.paged import DEFAULT_KV_CACHE_BYTES, PagedKVCache
@@ -105,13 +105,7 @@ class NativeExecutor:
         types = layer_types(cfg)
         self._tables = sorted({types[i] for i in range(start, end)})
         self.rotary = self.arch.rotary_cls(config=cfg)
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        kinds = (
-            {v.get("rope_type") for v in rope.values()}
-            if self.arch.rotary_per_layer_type
-            else {rope.get("rope_type")}
-        )
-        self._rope_per_sequence = bool(kinds & {"longrope", "dynamic"})
+        self._rope_per_sequence = rope_couples_sequences(self.arch, cfg)
 
         weights = []
         intermediate = None

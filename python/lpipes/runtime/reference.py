@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lpipes.errors import ContextLengthError, LayerSpanError
-from lpipes.models.arch import attention_window, check_span, kv_producers, layer_types
+from lpipes.models.arch import attention_window, check_span, kv_producers, layer_types, rope_couples_sequences
 from lpipes.models.checkpoint import Checkpoint
 from lpipes.models.modules import load_decoder_layers, parse_dtype
 from lpipes.runtime.kv import KVCache, SessionId
@@ -135,14 +135,7 @@ class ReferenceExecutor:
         self.layer_types = layer_types(self.config)[start:end]
         self.windows = [attention_window(self.config, i) for i in range(start, end)]
         self.producers = {c: p for c, p in kv_producers(self.config).items() if start <= c < end}
-        rope = getattr(self.config, "rope_parameters", None) or {}
-        rope_types = (
-            {v.get("rope_type") for v in rope.values()}
-            if self.arch.rotary_per_layer_type
-            else {rope.get("rope_type")}
-        )
-        # longrope picks its frequencies from max(position) of the whole call: compute it per sequence.
-        self._rope_per_sequence = bool(rope_types & {"longrope", "dynamic"})
+        self._rope_per_sequence = rope_couples_sequences(self.arch, self.config)
         if cache is None:
             cache = PagedKVCache.from_budget(
                 layer_shapes_of(self.layers), kv_cache_bytes, self.dtype, first_layer=start
