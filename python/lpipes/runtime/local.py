@@ -17,6 +17,7 @@ from lpipes.errors import LpipesError
 from lpipes.generation.loop import Generator, Stage
 from lpipes.models.checkpoint import Checkpoint, open_checkpoint
 from lpipes.models.end_model import EndModel
+from lpipes.runtime.native import NativeExecutor, native_support
 from lpipes.runtime.reference import ReferenceExecutor, split_points_to_spans
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,12 @@ def make_executor(
 ) -> Stage:
     """A span executor: ``native`` (fused fp16 llama-family span), ``reference`` (transformers' layers),
     or ``auto``: native when the architecture and dtype allow, else reference."""
-    from lpipes.runtime.native import native_support
-
     if executor not in ("auto", "native", "reference"):
         raise LpipesError(f"executor must be auto, native or reference; got {executor!r}")
     reason = native_support(ckpt, dtype) if executor != "reference" else "reference requested"
     if executor == "native" and reason is not None:
         raise LpipesError(f"the native executor does not support {reason}; use --executor reference")
     if reason is None:
-        from lpipes.runtime.native import NativeExecutor
-
         kwargs = {"kv_cache_bytes": kv_cache_bytes} if kv_cache_bytes else {}
         return NativeExecutor(ckpt, start, end, dtype=dtype, **kwargs)
     if executor == "auto":
@@ -70,19 +67,9 @@ def build_local_generator(
     """
     end_ckpt = open_checkpoint(model, end_model=True, revision=revision)
     spans = split_points_to_spans(end_ckpt.num_layers, list(split))
-    for span in spans:  # check every span before loading anything
-        open_checkpoint(end_ckpt.path, layers=span, end_model=False)
-    stages = [
-        make_executor(
-            open_checkpoint(model, layers=span, end_model=False, revision=revision),
-            *span,
-            dtype=dtype,
-            executor=executor,
-        )
-        for span in spans
-    ]
-    from lpipes.runtime.native import NativeExecutor
-
+    # Open (and so validate) every span before loading any weights.
+    ckpts = [open_checkpoint(model, layers=span, end_model=False, revision=revision) for span in spans]
+    stages = [make_executor(ckpt, *span, dtype=dtype, executor=executor) for ckpt, span in zip(ckpts, spans)]
     # With native spans the LM head uses the same fp16 GEMV (a quarter of the bytes read per token
     # for small models).
     native = all(isinstance(s, NativeExecutor) for s in stages)
