@@ -1,0 +1,173 @@
+"""Node configuration: ``lpipes serve --config node.toml`` → validated settings.
+
+Every key is declared once here, with its default and meaning; ``docs/configuration.md``
+documents the same keys. Unknown keys and bad values are errors that name the file, the
+key and what is allowed — a typo never silently falls back to a default.
+
+Example::
+
+    node_id = "node-1"
+
+    [network]
+    listen = "127.0.0.1:5000"          # QUIC peer port
+    bootstrap = ["127.0.0.1:5001"]     # empty or absent: this node starts a network
+    key_file = "network.key"           # shared secret; absent = open network (explicit, logged)
+
+    [api]                              # absent = no HTTP API on this node
+    listen = "127.0.0.1:8000"
+
+    [[models]]
+    path = "/models/qwen3-1.7b"        # a local HF-format directory (wins over id) ...
+    id = "Qwen/Qwen3-1.7B"             # ... or a hub id, downloaded on demand
+    end_model = true                   # host tokenizer/embedding/norm/head here
+    layers = "auto"                    # or [start, end)
+    device = "cpu"
+    dtype = "float16"
+    max_memory_gb = 2.0                # weights budget for layers
+    kv_cache_gb = 0.5                  # paged KV pool
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lpipes.errors import LpipesError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(LpipesError, ValueError):
+    """A configuration file is missing, not valid TOML, or has unknown keys or bad values."""
+
+
+def _check_address(value: str, what: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{what} must be HOST:PORT with a port in 1..65535, e.g. 127.0.0.1:5000")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkConfig(_Strict):
+    listen: str = "127.0.0.1:5000"  # QUIC peer address this node listens on
+    bootstrap: list[str] = []  # peers to join; empty: this node starts a network
+    key_file: Path | None = None  # pre-shared network key; None: open network (logged)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return _check_address(v, "listen")
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _bootstrap(cls, v: list[str]) -> list[str]:
+        return [_check_address(a, "each bootstrap entry") for a in v]
+
+
+class ApiConfig(_Strict):
+    listen: str = "127.0.0.1:8000"  # HTTP address of the OpenAI-compatible API
+    api_keys: list[str] = []  # accepted Bearer tokens; empty: no authentication
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        return _check_address(v, "listen")
+
+
+class ModelConfig(_Strict):
+    id: str | None = None  # Hugging Face hub id, downloaded on demand (only the files this node needs)
+    path: Path | None = None  # local HF-format directory; wins over id
+    end_model: bool = False  # host the tokenizer, embedding, final norm, LM head and sampling
+    layers: Literal["auto"] | Annotated[list[int], Field(min_length=2, max_length=2)] = "auto"  # [start, end)
+    device: Literal["cpu"] = "cpu"  # only CPU today
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = (
+        "auto"  # auto: float16 where native, else float32
+    )
+    executor: Literal["auto", "native", "reference"] = "auto"  # layer executor
+    max_memory_gb: Annotated[float, Field(gt=0)] = 2.0  # weights budget for this node's layers
+    kv_cache_gb: Annotated[float, Field(gt=0)] = 0.5  # paged KV pool
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            start, end = v
+            if not 0 <= start < end:
+                raise ValueError(f'layers must be "auto" or [start, end) with 0 <= start < end, got {v}')
+        return v
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelConfig:
+        if self.id is None and self.path is None:
+            raise ValueError("a model needs `path` (a local directory) or `id` (a Hugging Face hub id)")
+        return self
+
+    @property
+    def source(self) -> str:
+        """What to open: the local path if given, else the hub id."""
+        return str(self.path) if self.path is not None else str(self.id)
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        return None if self.layers == "auto" else (self.layers[0], self.layers[1])
+
+
+class NodeConfig(_Strict):
+    node_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    network: NetworkConfig = NetworkConfig()
+    api: ApiConfig | None = None  # absent: no HTTP API on this node
+    models: Annotated[list[ModelConfig], Field(min_length=1)]
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]).replace(".[", "[")
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key `{loc}`"
+    if kind == "missing":
+        return f"missing required key `{loc}`"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"`{loc}`: {msg} (got {err.get('input')!r})" if loc else msg
+
+
+def parse_config(data: dict[str, Any], *, source: str = "<config>") -> NodeConfig:
+    """Validate a parsed TOML document; raises :class:`ConfigError` listing every problem."""
+    try:
+        return NodeConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"{source}: invalid configuration:\n{problems}") from None
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    """Read and validate a node's TOML file. Relative paths in it are resolved against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    config = parse_config(data, source=str(path))
+    base = path.resolve().parent
+
+    def resolve(p: Path | None) -> Path | None:
+        return None if p is None or p.is_absolute() else base / p
+
+    models = [m.model_copy(update={"path": resolve(m.path) or m.path}) for m in config.models]
+    network = config.network.model_copy(
+        update={"key_file": resolve(config.network.key_file) or config.network.key_file}
+    )
+    return config.model_copy(update={"models": models, "network": network})
