@@ -111,7 +111,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--prompt", default="Hello! What can distributed inference do?", help="the prompt text")
     demo.add_argument("--max-tokens", type=_nonneg_int, default=24, help="tokens to generate (default 24)")
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model from a node configuration over the OpenAI-compatible API",
+        description="Load the model of a node.toml (one node holding the end model and all layers) and serve "
+        "/v1/chat/completions, /v1/completions, /v1/models and /health on [api].listen.",
+    )
+    serve.add_argument(
+        "--config", required=True, help="the node's TOML configuration (see docs/configuration.md)"
+    )
     return parser
+
+
+def _serve(config_path: str) -> int:
+    import uvicorn
+
+    from lpipes.api.server import Service, build_app
+    from lpipes.config import load_config
+    from lpipes.models.checkpoint import open_checkpoint
+    from lpipes.runtime.local import build_local_generator
+    from lpipes.runtime.native import native_support
+
+    cfg = load_config(config_path)
+    if cfg.api is None:
+        raise LpipesError(f"{config_path}: no [api] table: this node would serve nothing")
+    if len(cfg.models) != 1 or not cfg.models[0].end_model:
+        raise LpipesError(f"{config_path}: serve runs one [[models]] entry with end_model = true for now")
+    m = cfg.models[0]
+    ckpt = open_checkpoint(m.source)
+    if m.span is not None and m.span != (0, ckpt.num_layers):
+        raise LpipesError(
+            f"{config_path}: layers {list(m.span)} do not cover all {ckpt.num_layers} layers; "
+            "a node serving alone must hold every layer (the peer network comes later)"
+        )
+    dtype = m.dtype
+    if dtype == "auto":
+        dtype = (
+            "float16" if m.executor != "reference" and native_support(ckpt, "float16") is None else "float32"
+        )
+    generator = build_local_generator(m.source, dtype=dtype, executor=m.executor)
+    name = m.id or (m.path.name if m.path else m.source)
+    app = build_app(Service(generator, name))
+    host, _, port = cfg.api.listen.rpartition(":")
+    log.warning("serving %s on http://%s:%s/v1 (node %s)", name, host, port, cfg.node_id)
+    uvicorn.run(app, host=host, port=int(port), log_level="warning")
+    return 0
 
 
 def _cache_dir() -> Path:
@@ -185,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _run_generation(args.model, args, revision=args.revision)
+        if args.command == "serve":
+            return _serve(args.config)
         if args.command == "demo":
             path = demo_model(args.arch)
             demo_args = argparse.Namespace(
