@@ -133,7 +133,6 @@ class Service:
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, done)
 
-        self.generator.check_request(request)  # context length etc. before any work
         thread = threading.Thread(target=work, name=f"gen-{request.request_id}", daemon=True)
         thread.start()
         try:

@@ -130,7 +130,6 @@ def _serve(config_path: str) -> int:
     from lpipes.config import load_config
     from lpipes.models.checkpoint import open_checkpoint
     from lpipes.runtime.local import build_local_generator
-    from lpipes.runtime.native import native_support
 
     cfg = load_config(config_path)
     if cfg.api is None:
@@ -144,12 +143,7 @@ def _serve(config_path: str) -> int:
             f"{config_path}: layers {list(m.span)} do not cover all {ckpt.num_layers} layers; "
             "a node serving alone must hold every layer (the peer network comes later)"
         )
-    dtype = m.dtype
-    if dtype == "auto":
-        dtype = (
-            "float16" if m.executor != "reference" and native_support(ckpt, "float16") is None else "float32"
-        )
-    generator = build_local_generator(m.source, dtype=dtype, executor=m.executor)
+    generator = build_local_generator(m.source, dtype=m.dtype, executor=m.executor)
     name = m.id or (m.path.name if m.path else m.source)
     app = build_app(Service(generator, name))
     host, _, port = cfg.api.listen.rpartition(":")
@@ -192,16 +186,8 @@ def _run_generation(model: str | Path, args: argparse.Namespace, revision: str |
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
     )
-    dtype = args.dtype
-    if dtype == "auto":
-        from lpipes.models.checkpoint import open_checkpoint
-        from lpipes.runtime.native import native_support
-
-        ckpt = open_checkpoint(model, revision=revision)
-        native_ok = args.executor != "reference" and native_support(ckpt, "float16") is None
-        dtype = "float16" if native_ok else "float32"
     generator = build_local_generator(
-        model, split=args.split, dtype=dtype, executor=args.executor, revision=revision
+        model, split=args.split, dtype=args.dtype, executor=args.executor, revision=revision
     )
     em = generator.end_model
     if args.raw or not getattr(em.tokenizer, "chat_template", None):

@@ -62,10 +62,14 @@ def build_local_generator(
     Args:
         model: local directory or hub id.
         split: layer indices where the model is cut, e.g. ``[2, 4]`` → spans [0,2), [2,4), [4,n).
-        dtype: float32, float16 or bfloat16.
+        dtype: float32, float16, bfloat16, or ``auto``: float16 where the native executor runs the
+            architecture (and ``executor`` allows it), else float32.
         executor: ``auto`` (native where supported), ``native`` or ``reference``.
     """
     end_ckpt = open_checkpoint(model, end_model=True, revision=revision)
+    if dtype == "auto":
+        native_ok = executor != "reference" and native_support(end_ckpt, "float16") is None
+        dtype = "float16" if native_ok else "float32"
     spans = split_points_to_spans(end_ckpt.num_layers, list(split))
     # Open (and so validate) every span before loading any weights.
     ckpts = [open_checkpoint(model, layers=span, end_model=False, revision=revision) for span in spans]

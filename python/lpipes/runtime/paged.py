@@ -241,9 +241,6 @@ class PagedKVCache:
         Raises:
             KVCacheFullError: the pool lacks blocks; nothing was changed and no session was evicted.
         """
-        self._reserve(session_ids, q_lens)
-
-    def _reserve(self, session_ids: Sequence[SessionId], q_lens: Sequence[int]) -> None:
         created: list[SessionId] = []
         done: list[int] = []
         try:
@@ -290,7 +287,7 @@ class PagedKVCache:
         # The first append of a step (some session lacks room for its new tokens) reserves for all.
         pairs = zip(session_ids, q_lens)
         if any(s not in self._ids or self.capacity(s) < self.length(s) + q for s, q in pairs):
-            self._reserve(session_ids, q_lens)
+            self.reserve(session_ids, q_lens)
         q_pad = key.shape[2]
         for b, (sid_str, q) in enumerate(zip(session_ids, q_lens)):
             sid = self._ids[sid_str]
