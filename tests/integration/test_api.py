@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 
 import openai
@@ -14,58 +9,13 @@ import pytest
 import torch
 import transformers
 
-STARTUP_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tiny_checkpoint, tmp_path_factory):
-    path = tiny_checkpoint("qwen3")
-    port = _free_port()
-    cfg = tmp_path_factory.mktemp("serve") / "node.toml"
-    cfg.write_text(
-        f'node_id = "solo"\n[api]\nlisten = "127.0.0.1:{port}"\n'
-        f'[[models]]\npath = "{path}"\nend_model = true\ndtype = "float32"\n'
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lpipes.cli.main", "serve", "--config", str(cfg)],
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited: {proc.stderr.read().decode()}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("server did not become healthy in time")
-            time.sleep(0.2)
-        yield base, path.name, path
-    finally:
-        proc.kill()  # by PID, always
-        proc.wait(timeout=30)
-        proc.stderr.close()
-
 
 def _client(base: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
 
 
 def test_chat_greedy_matches_transformers(server):
-    base, name, path = server
+    base, name, path = server.base, server.model, server.path
     messages = [{"role": "user", "content": "Hello there"}]
     reply = _client(base).chat.completions.create(
         model=name, messages=messages, temperature=0, max_tokens=12, extra_body={"ignore_eos": True}
@@ -81,7 +31,7 @@ def test_chat_greedy_matches_transformers(server):
 
 
 def test_streaming_completion_equals_non_streaming(server):
-    base, name, _ = server
+    base, name = server.base, server.model
     client = _client(base)
     kwargs = dict(
         model=name,
@@ -97,7 +47,7 @@ def test_streaming_completion_equals_non_streaming(server):
 
 
 def test_models_and_errors(server):
-    base, name, _ = server
+    base, name = server.base, server.model
     client = _client(base)
     assert [m.id for m in client.models.list().data] == [name]
     with pytest.raises(openai.NotFoundError):
