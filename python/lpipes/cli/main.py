@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--config", required=True, help="the node's TOML configuration (see docs/configuration.md)"
     )
+    from lpipes.cli import client, init
+
+    init.register(sub)
+    client.register(sub)
     return parser
 
 
@@ -213,6 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return handler(args)
         if args.command == "generate":
             return _run_generation(args.model, args, revision=args.revision)
         if args.command == "serve":
