@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 
 import torch
 
-from lpipes.errors import ContextLengthError, LayerSpanError
+from lpipes.errors import ContextLengthError, LayerSpanError, SessionError
 from lpipes.generation.detokenize import IncrementalDetokenizer
 from lpipes.generation.sampling import Sampler, SamplingParams
 from lpipes.generation.stop import StopStringMatcher
@@ -62,7 +62,9 @@ class TokenEvent:
 
 
 @dataclass
-class _Active:
+class RequestState:
+    """The origin's state of one request: its sampler, detokenizer, stop matcher and token history."""
+
     request: GenerationRequest
     sampler: Sampler
     detok: IncrementalDetokenizer
@@ -116,18 +118,32 @@ class Generator:
             inputs = [SequenceInput(x.session_id, h, x.positions) for x, h in zip(inputs, outputs)]
         return [em.logits(x.hidden[-1:] if last_only else x.hidden) for x in inputs]
 
-    def end_session(self, session_id: str) -> None:
+    def end_session(self, session_id: str, *, missing_ok: bool = False) -> None:
+        """End a session on every stage (with ``missing_ok``, stages that do not know it are skipped)."""
         for stage in self.stages:
-            stage.end_session(session_id)
+            try:
+                stage.end_session(session_id)
+            except SessionError:
+                if not missing_ok:
+                    raise
 
     # ------------------------------------------------------------ generation
-    def check_request(self, request: GenerationRequest) -> None:
-        n, m, ctx = len(request.prompt_ids), request.params.max_tokens, self.end_model.context_length
+    def check_request(self, request: GenerationRequest, *, context_length: int | None = None) -> None:
+        """Raise if the prompt is empty or prompt + max_tokens exceeds the context length (the model's,
+        or a smaller ``context_length``, e.g. what a KV pool holds)."""
+        n, m = len(request.prompt_ids), request.params.max_tokens
+        model_ctx = self.end_model.context_length
+        ctx = context_length if context_length is not None else model_ctx
         if n == 0:
             raise ValueError("the prompt is empty: it must contain at least one token")
         if ctx and n + m > ctx:
+            limit = (
+                f"this model's context length is {ctx} tokens"
+                if ctx == model_ctx
+                else f"this server's context length is {ctx} tokens (its KV cache pool holds {ctx} tokens)"
+            )
             raise ContextLengthError(
-                f"this model's context length is {ctx} tokens, but {n} prompt tokens + {m} max new tokens "
+                f"{limit}, but {n} prompt tokens + {m} max new tokens "
                 f"= {n + m}; shorten the prompt or lower max_tokens",
                 prompt_tokens=n,
                 max_new_tokens=m,
@@ -145,19 +161,7 @@ class Generator:
         ids = [r.request_id for r in requests]
         if len(set(ids)) != len(ids):
             raise ValueError("request ids must be unique")
-        tok = self.end_model.tokenizer
-        active = {
-            r.request_id: _Active(
-                request=r,
-                sampler=Sampler(
-                    r.params, eos_token_ids=self.end_model.eos_token_ids, prompt_ids=r.prompt_ids
-                ),
-                detok=IncrementalDetokenizer(tok, prompt_ids=r.prompt_ids),
-                stops=StopStringMatcher(r.params.stop) if r.params.stop else None,
-                history=list(r.prompt_ids),
-            )
-            for r in requests
-        }
+        active = {r.request_id: self.new_state(r) for r in requests}
         pending = {rid: list(a.request.prompt_ids) for rid, a in active.items()}  # tokens not yet run
         started: set[str] = set()
         try:
@@ -167,7 +171,7 @@ class Generator:
                 started.update(rids)
                 logits = self.forward(rids, [pending[r] for r in rids], starts, last_only=True)
                 for rid, lg in zip(rids, logits):
-                    event = self._advance(active[rid], lg[-1])
+                    event = self.advance(active[rid], lg[-1])
                     if event.finish_reason is not None:
                         del active[rid]
                         self.end_session(rid)
@@ -179,7 +183,18 @@ class Generator:
                 if rid in started:
                     self.end_session(rid)
 
-    def _advance(self, a: _Active, logits: torch.Tensor) -> TokenEvent:
+    def new_state(self, r: GenerationRequest) -> RequestState:
+        """A fresh :class:`RequestState` for a (checked) request."""
+        return RequestState(
+            request=r,
+            sampler=Sampler(r.params, eos_token_ids=self.end_model.eos_token_ids, prompt_ids=r.prompt_ids),
+            detok=IncrementalDetokenizer(self.end_model.tokenizer, prompt_ids=r.prompt_ids),
+            stops=StopStringMatcher(r.params.stop) if r.params.stop else None,
+            history=list(r.prompt_ids),
+        )
+
+    def advance(self, a: RequestState, logits: torch.Tensor) -> TokenEvent:
+        """Sample a request's next token from its next-position logits; the event says if it finished."""
         params = a.request.params
         result = a.sampler.sample(logits)
         a.history.append(result.token)

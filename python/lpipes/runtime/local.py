@@ -46,7 +46,8 @@ def make_executor(
         return NativeExecutor(ckpt, start, end, dtype=dtype, **kwargs)
     if executor == "auto":
         log.info("layers [%d, %d): reference executor (native does not support %s)", start, end, reason)
-    return ReferenceExecutor(ckpt, start, end, dtype=dtype)
+    kwargs = {"kv_cache_bytes": kv_cache_bytes} if kv_cache_bytes else {}
+    return ReferenceExecutor(ckpt, start, end, dtype=dtype, **kwargs)
 
 
 def build_local_generator(
@@ -56,6 +57,7 @@ def build_local_generator(
     dtype: str | torch.dtype = "float32",
     executor: ExecutorKind = "auto",
     revision: str | None = None,
+    kv_cache_bytes: int | None = None,
 ) -> Generator:
     """An end model plus one executor per span, each opening the checkpoint on its own.
 
@@ -65,6 +67,7 @@ def build_local_generator(
         dtype: float32, float16, bfloat16, or ``auto``: float16 where the native executor runs the
             architecture (and ``executor`` allows it), else float32.
         executor: ``auto`` (native where supported), ``native`` or ``reference``.
+        kv_cache_bytes: each span's paged KV pool budget (default 512 MiB).
     """
     end_ckpt = open_checkpoint(model, end_model=True, revision=revision)
     if dtype == "auto":
@@ -73,7 +76,10 @@ def build_local_generator(
     spans = split_points_to_spans(end_ckpt.num_layers, list(split))
     # Open (and so validate) every span before loading any weights.
     ckpts = [open_checkpoint(model, layers=span, end_model=False, revision=revision) for span in spans]
-    stages = [make_executor(ckpt, *span, dtype=dtype, executor=executor) for ckpt, span in zip(ckpts, spans)]
+    stages = [
+        make_executor(ckpt, *span, dtype=dtype, executor=executor, kv_cache_bytes=kv_cache_bytes)
+        for ckpt, span in zip(ckpts, spans)
+    ]
     # With native spans the LM head uses the same fp16 GEMV (a quarter of the bytes read per token
     # for small models).
     native = all(isinstance(s, NativeExecutor) for s in stages)

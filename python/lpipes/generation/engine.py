@@ -1,0 +1,258 @@
+"""Continuous batching at the origin: one worker thread steps every active request together.
+
+The :class:`Engine` owns a :class:`~lpipes.generation.loop.Generator` and one worker thread.
+Requests are submitted from any thread (the API's event loop) and wait in a FIFO queue;
+each step the worker
+
+1. drops cancelled requests (their KV blocks are freed on every stage at once),
+2. makes sure this step's new tokens fit every stage's paged KV pool — if the running
+   requests' decodes do not fit, the most recently admitted one is *preempted*: its
+   sessions are ended and it goes back to the front of the queue with its whole token
+   history (prompt and generated tokens) as the prefill to replay later. Its sampler,
+   detokenizer and stop matcher are kept, so the text continues exactly where it was;
+   no live session is ever evicted without this replay,
+3. admits waiting requests (their prompt prefill) while the batch has room
+   (``max_batch_size``) and their prompt fits the pools,
+4. runs one batched forward pass for all scheduled requests (prefills and decodes mixed)
+   and hands each request's :class:`~lpipes.generation.loop.TokenEvent` to its callback.
+
+A request whose prompt plus ``max_tokens`` cannot fit a stage's whole pool is refused
+at submission (:attr:`Engine.context_length` already accounts for it), so preemption
+always makes progress. A full queue refuses new submissions with :class:`EngineBusyError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lpipes.errors import LpipesError
+from lpipes.generation.loop import GenerationRequest, Generator, RequestState, TokenEvent
+from lpipes.runtime.paged import PagedKVCache
+
+log = logging.getLogger(__name__)
+
+#: What a request's callback receives: a token event, or the exception that ended the request.
+Callback = Callable[[TokenEvent | BaseException], None]
+
+
+class EngineBusyError(LpipesError, RuntimeError):
+    """The engine's queue is full (or it is shutting down); the client should retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestCancelled(LpipesError):
+    """Delivered to a request's callback when it was cancelled before finishing."""
+
+
+@dataclass
+class _Entry:
+    state: RequestState
+    callback: Callback
+    pending: list[int]  # tokens not yet run through the layers
+    preempted: int = 0
+
+    @property
+    def rid(self) -> str:
+        return self.state.request.request_id
+
+
+@dataclass
+class EngineStats:
+    active: int = 0
+    queued: int = 0
+    served: int = 0
+    preempted: int = 0
+    tokens_generated: int = 0
+    steps: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+
+
+def _paged_caches(generator: Generator) -> list[PagedKVCache]:
+    return [c for s in generator.stages if isinstance(c := getattr(s, "cache", None), PagedKVCache)]
+
+
+class Engine:
+    """Runs generation requests with continuous batching on one worker thread.
+
+    Args:
+        generator: the end model and the chain of stages.
+        max_batch_size: most requests stepped together.
+        max_queued: most requests waiting for admission; more are refused with
+            :class:`EngineBusyError`.
+    """
+
+    def __init__(self, generator: Generator, *, max_batch_size: int = 16, max_queued: int = 64) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        if max_queued < 0:
+            raise ValueError(f"max_queued must be at least 0, got {max_queued}")
+        self.generator = generator
+        self.max_batch_size = max_batch_size
+        self.max_queued = max_queued
+        self.caches = _paged_caches(generator)
+        self.stats = EngineStats()
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Entry] = collections.deque()
+        self._running: list[_Entry] = []  # admission order
+        self._cancel: set[str] = set()
+        self._known: set[str] = set()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="lpipes-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------- public face
+    @property
+    def context_length(self) -> int:
+        """Most tokens (prompt + generated) one request may hold: the model's context length, or less
+        when a stage's KV pool holds fewer tokens."""
+        ctx = self.generator.end_model.context_length or 0
+        pools = [c.blocks_total * c.block_size for c in self.caches]
+        limits = [x for x in [ctx, *pools] if x]
+        return min(limits) if limits else 0
+
+    def submit(self, requests: Sequence[GenerationRequest], callback: Callback) -> None:
+        """Queue requests (all or none); ``callback`` gets every event of each, from the worker thread.
+
+        Raises:
+            ContextLengthError: a prompt plus its ``max_tokens`` exceeds :attr:`context_length`.
+            EngineBusyError: the queue is full.
+        """
+        for r in requests:
+            self.generator.check_request(r, context_length=self.context_length)
+        states = [self.generator.new_state(r) for r in requests]
+        with self._cv:
+            if self._stopping:
+                raise EngineBusyError("the server is shutting down")
+            ids = [r.request_id for r in requests]
+            if len(set(ids)) != len(ids) or self._known.intersection(ids):
+                raise ValueError("request ids must be unique")
+            free_slots = self.max_batch_size - len(self._running)
+            if len(self._waiting) + len(requests) - max(free_slots, 0) > self.max_queued:
+                raise EngineBusyError(
+                    f"the server is at capacity ({len(self._running)} running, {len(self._waiting)} "
+                    f"queued, queue limit {self.max_queued}); retry shortly"
+                )
+            for st in states:
+                self._waiting.append(_Entry(st, callback, list(st.request.prompt_ids)))
+                self._known.add(st.request.request_id)
+            self.stats.queued = len(self._waiting)
+            self._cv.notify()
+
+    def cancel(self, request_ids: Sequence[str]) -> None:
+        """Stop requests (queued or running) and free their KV blocks at the next step boundary."""
+        with self._cv:
+            self._cancel.update(r for r in request_ids if r in self._known)
+            self._cv.notify()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel everything and stop the worker thread."""
+        with self._cv:
+            self._stopping = True
+            self._cancel.update(self._known)
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # ----------------------------------------------------------------- worker
+    def _finish(self, e: _Entry, outcome: TokenEvent | BaseException | None, running: bool) -> None:
+        if running:
+            self.generator.end_session(e.rid, missing_ok=True)
+        self._known.discard(e.rid)
+        if outcome is not None:
+            e.callback(outcome)
+
+    @staticmethod
+    def _blocks_needed(cache: PagedKVCache, e: _Entry) -> int:
+        # After the step the session holds its whole history (the pending tokens are its tail).
+        held = math.ceil(cache.capacity(e.rid) / cache.block_size)
+        return max(0, math.ceil(len(e.state.history) / cache.block_size) - held)
+
+    def _fits(self, entries: Sequence[_Entry]) -> bool:
+        for cache in self.caches:
+            if sum(self._blocks_needed(cache, e) for e in entries) > cache.blocks_free:
+                return False
+        return True
+
+    def _schedule(self) -> list[_Entry]:
+        """Pick this step's batch (called with the lock held)."""
+        if self._cancel:
+            for e in [e for e in self._running if e.rid in self._cancel]:
+                self._running.remove(e)
+                self._finish(e, RequestCancelled(f"request {e.rid} was cancelled"), running=True)
+            for e in [e for e in self._waiting if e.rid in self._cancel]:
+                self._waiting.remove(e)
+                self._finish(e, RequestCancelled(f"request {e.rid} was cancelled"), running=False)
+            self._cancel.clear()
+        # Running requests first; preempt the newest until their next tokens fit.
+        while self._running and not self._fits(self._running):
+            victim = self._running.pop()
+            self.generator.end_session(victim.rid, missing_ok=True)
+            victim.pending = list(victim.state.history)
+            victim.preempted += 1
+            self.stats.preempted += 1
+            self._waiting.appendleft(victim)
+            log.info("preempted %s (KV pool full); it will be replayed", victim.rid)
+        while self._waiting and len(self._running) < self.max_batch_size:
+            if not self._fits([*self._running, self._waiting[0]]):
+                break
+            self._running.append(self._waiting.popleft())
+        self.stats.active = len(self._running)
+        self.stats.queued = len(self._waiting)
+        return list(self._running)
+
+    def _work(self) -> None:
+        gen = self.generator
+        while True:
+            with self._cv:
+                while not self._stopping and not self._cancel and not self._running and not self._waiting:
+                    self._cv.wait()
+                batch = self._schedule()
+                if self._stopping and not self._running and not self._waiting:
+                    return
+            if not batch:
+                # Nothing fits although nothing runs: cannot happen for admitted requests (submit checks
+                # them against the whole pool), but never spin.
+                with self._cv:
+                    self._cv.wait(0.05)
+                continue
+            rids = [e.rid for e in batch]
+            starts = [len(e.state.history) - len(e.pending) for e in batch]
+            try:
+                logits = gen.forward(rids, [e.pending for e in batch], starts, last_only=True)
+            except BaseException as exc:  # noqa: BLE001 - every request of the step gets the error
+                log.exception("a batched step failed; failing its %d requests", len(batch))
+                with self._cv:
+                    for e in batch:
+                        if e in self._running:
+                            self._running.remove(e)
+                        self._finish(e, exc, running=True)
+                continue
+            self.stats.steps += 1
+            self.stats.batch_sizes[len(batch)] += 1
+            for e, lg in zip(batch, logits):
+                try:
+                    event = gen.advance(e.state, lg[-1])
+                except BaseException as exc:  # noqa: BLE001
+                    with self._cv:
+                        self._running.remove(e)
+                        self._finish(e, exc, running=True)
+                    continue
+                self.stats.tokens_generated += 1
+                if event.finish_reason is not None:
+                    with self._cv:
+                        self._running.remove(e)
+                        self.stats.served += 1
+                        self._finish(e, event, running=True)
+                else:
+                    e.pending = [event.token]
+                    e.callback(event)
+
+
+__all__ = ["Callback", "Engine", "EngineBusyError", "EngineStats", "RequestCancelled"]

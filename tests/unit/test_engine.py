@@ -1,0 +1,141 @@
+"""Continuous batching (Engine): same tokens as one-at-a-time generation, preemption, cancel, capacity."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from lpipes.errors import ContextLengthError
+from lpipes.generation.engine import Engine, EngineBusyError, RequestCancelled
+from lpipes.generation.loop import GenerationRequest, TokenEvent
+from lpipes.generation.sampling import SamplingParams
+from lpipes.runtime.local import build_local_generator
+
+TIMEOUT_S = 120
+
+
+class Collector:
+    """Gathers each request's events; ``wait()`` returns when every request ended."""
+
+    def __init__(self, n: int) -> None:
+        self.events: dict[str, list[TokenEvent]] = {}
+        self.errors: dict[str, BaseException] = {}
+        self.n = n
+        self.first = threading.Event()
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self.ended = 0
+
+    def __call__(self, item: TokenEvent | BaseException) -> None:
+        with self._lock:
+            if isinstance(item, BaseException):
+                self.errors[str(len(self.errors))] = item
+                self.ended += 1
+            else:
+                self.events.setdefault(item.request_id, []).append(item)
+                self.first.set()
+                if item.finish_reason is not None:
+                    self.ended += 1
+            if self.ended == self.n:
+                self.done.set()
+
+    def wait(self) -> None:
+        assert self.done.wait(TIMEOUT_S), "requests did not finish in time"
+
+    def tokens(self, rid: str) -> list[int]:
+        return [e.token for e in self.events[rid]]
+
+
+def _prompts(gen, count: int) -> list[list[int]]:
+    em = gen.end_model
+    return [em.encode_prompt(f"request number {i}: " + "tell me more " * (i + 1)) for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return tiny_checkpoint("qwen3")
+
+
+def _block_bytes(model) -> int:
+    probe = build_local_generator(model, dtype="float32", executor="reference", kv_cache_bytes=1 << 20)
+    return probe.stages[0].cache.block_bytes
+
+
+@pytest.mark.parametrize("executor", ["reference", "native"])
+def test_batched_with_preemption_matches_one_at_a_time(model, executor):
+    dtype = "float32" if executor == "reference" else "float16"
+    ref = build_local_generator(model, dtype=dtype, executor=executor)
+    prompts = _prompts(ref, 4)
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    expected = [ref.generate_text(p, params)[1] for p in prompts]
+
+    # A pool of 7 blocks of 16 tokens: all four prompts fit at first, their decodes soon do not.
+    bb = build_local_generator(model, dtype=dtype, executor=executor).stages[0].cache.block_bytes
+    gen = build_local_generator(model, dtype=dtype, executor=executor, kv_cache_bytes=7 * bb)
+    engine = Engine(gen, max_batch_size=4)
+    try:
+        got = Collector(len(prompts))
+        reqs = [GenerationRequest(p, params, request_id=f"r{i}") for i, p in enumerate(prompts)]
+        engine.submit(reqs, got)
+        got.wait()
+        assert not got.errors
+        assert [got.tokens(f"r{i}") for i in range(len(prompts))] == expected
+        assert engine.stats.preempted > 0
+        assert max(engine.stats.batch_sizes) > 1
+        assert all(c.blocks_used == 0 for c in engine.caches)
+    finally:
+        engine.close()
+
+
+def test_sampled_requests_keep_their_seeded_streams(model):
+    gen = build_local_generator(model, dtype="float32", executor="reference")
+    prompts = _prompts(gen, 3)
+    params = [SamplingParams(temperature=0.9, seed=10 + i, max_tokens=12, ignore_eos=True) for i in range(3)]
+    expected = [gen.generate_text(p, sp)[1] for p, sp in zip(prompts, params)]
+    engine = Engine(gen, max_batch_size=3)
+    try:
+        got = Collector(3)
+        engine.submit(
+            [GenerationRequest(p, sp, request_id=f"s{i}") for i, (p, sp) in enumerate(zip(prompts, params))],
+            got,
+        )
+        got.wait()
+        assert [got.tokens(f"s{i}") for i in range(3)] == expected
+    finally:
+        engine.close()
+
+
+def test_cancel_frees_blocks_and_queue_limit_refuses(model):
+    gen = build_local_generator(model, dtype="float32", executor="reference")
+    engine = Engine(gen, max_batch_size=1, max_queued=0)
+    try:
+        long = SamplingParams(max_tokens=200, ignore_eos=True)
+        first = Collector(1)
+        engine.submit([GenerationRequest(gen.end_model.encode_prompt("go on"), long, request_id="a")], first)
+        assert first.first.wait(TIMEOUT_S)
+        with pytest.raises(EngineBusyError, match="capacity"):
+            engine.submit([GenerationRequest([1, 2, 3], long, request_id="b")], Collector(1))
+        engine.cancel(["a"])
+        first.wait()
+        assert isinstance(next(iter(first.errors.values())), RequestCancelled)
+        assert all(c.blocks_used == 0 for c in engine.caches)
+        again = Collector(1)
+        engine.submit([GenerationRequest([1, 2, 3], SamplingParams(max_tokens=3), request_id="b")], again)
+        again.wait()
+        assert not again.errors
+    finally:
+        engine.close()
+
+
+def test_pool_bounds_the_context_length(model):
+    gen = build_local_generator(
+        model, dtype="float32", executor="reference", kv_cache_bytes=4 * _block_bytes(model)
+    )
+    engine = Engine(gen)
+    try:
+        assert engine.context_length == 4 * 16
+        with pytest.raises(ContextLengthError, match="KV cache pool holds 64 tokens"):
+            engine.submit([GenerationRequest([1] * 40, SamplingParams(max_tokens=30))], Collector(1))
+    finally:
+        engine.close()
