@@ -77,6 +77,8 @@ class NetworkConfig(_Strict):
 class ApiConfig(_Strict):
     listen: str = "127.0.0.1:8000"  # HTTP address of the OpenAI-compatible API
     api_keys: list[str] = []  # accepted Bearer tokens; empty: no authentication
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16  # requests decoded together at most
+    max_queued_requests: Annotated[int, Field(ge=0)] = 64  # waiting beyond the batch; more get 503
 
     @field_validator("listen")
     @classmethod

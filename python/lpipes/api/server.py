@@ -1,42 +1,64 @@
-"""OpenAI-compatible HTTP API on one node (first increment: completions and chat, streaming or not).
+"""The OpenAI-compatible HTTP API of a node holding the end model.
 
-Generation runs on a worker thread (the kernels release the GIL); events reach the event loop
-through an asyncio queue. One generation runs at a time for now (batching comes with the
-scheduler). A client that disconnects mid-stream stops its generation and frees its KV blocks.
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming as SSE or
+not), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and
+``GET /lpipes/status`` (what ``lpipes status`` shows). Generation runs on the
+:class:`~lpipes.generation.engine.Engine`'s worker thread with continuous batching; events
+reach the event loop through ``call_soon_threadsafe``. A client that disconnects or stops
+reading has its requests cancelled and their KV blocks freed at the next step.
+
+Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``:
+400 for invalid parameters and context overflows, 401 for a missing or wrong API key,
+404 for an unknown model, 413 for an oversized body, 503 with ``Retry-After`` when the
+server is at capacity. ``docs/api.md`` lists what is honoured and what is not.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import contextlib
+import hmac
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from lpipes import __version__
+from lpipes.api.metrics import Metrics
 from lpipes.errors import ContextLengthError, LpipesError
-from lpipes.generation.loop import GenerationRequest, Generator, TokenEvent
+from lpipes.generation.engine import Engine, EngineBusyError, RequestCancelled
+from lpipes.generation.loop import GenerationRequest, TokenEvent
 from lpipes.generation.sampling import SamplingParams, SamplingParamsError
 
+log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 16 << 20
+MAX_N = 16
+MAX_LOGPROBS = 20
+
+
+# --------------------------------------------------------------------------- request models
 class _Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -46,52 +68,121 @@ class _Common(BaseModel):
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
 
 
 class ChatRequest(_Common):
     messages: list[_Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: bool = False
+    suffix: str | None = None
 
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers
 
 
-def _error(
-    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)
+def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(
+        _error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status, headers=exc.headers
+    )
+
+
+def _busy(exc: EngineBusyError) -> ApiError:
+    return ApiError(
+        503,
+        str(exc),
+        kind="service_unavailable",
+        code="server_busy",
+        headers={"Retry-After": str(exc.retry_after_s)},
+    )
+
+
+# --------------------------------------------------------------------------------- service
+@dataclass
+class NodeInfo:
+    """What ``/lpipes/status`` reports besides live counters."""
+
+    node_id: str = "local"
+    source: str = ""
+    executors: list[str] = field(default_factory=list)
 
 
 class Service:
-    """Holds the generator and serialises generations onto a worker thread."""
+    """The model behind the API: the engine, its name, metrics and the accepted API keys."""
 
-    def __init__(self, generator: Generator, model_name: str, default_max_tokens: int = 256) -> None:
-        self.generator = generator
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str,
+        *,
+        info: NodeInfo | None = None,
+        api_keys: Sequence[str] = (),
+    ) -> None:
+        self.engine = engine
+        self.generator = engine.generator
+        self.end_model = engine.generator.end_model
         self.model_name = model_name
-        self.default_max_tokens = default_max_tokens
-        self._lock = threading.Lock()
+        self.info = info or NodeInfo()
+        self.api_keys = [k.encode() for k in api_keys]
+        self.started = time.time()
+        self.stage_labels = [f"{s.start}-{s.end}" for s in self.generator.stages]
+        self.metrics = Metrics(engine, self.stage_labels)
 
-    def params(self, req: _Common) -> SamplingParams:
-        if req.n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
+    # ---------------------------------------------------------------- helpers
+    def check_key(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        given = token.strip().encode()
+        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(given, k) for k in self.api_keys)
+        if not ok:
+            raise ApiError(
+                401,
+                "missing or invalid API key: send it as 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+
+    def params(self, req: _Common, prompt_len: int, logprobs: int | None) -> SamplingParams:
         max_tokens = req.max_completion_tokens or req.max_tokens
+        ctx = self.engine.context_length
         if max_tokens is None:
-            ctx = self.generator.end_model.context_length
-            max_tokens = self.default_max_tokens if not ctx else min(self.default_max_tokens, ctx)
+            if ctx and prompt_len >= ctx:
+                raise ApiError(
+                    400,
+                    f"this server's context length is {ctx} tokens, but the prompt has {prompt_len}",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+            max_tokens = ctx - prompt_len if ctx else 256
         try:
             return SamplingParams(
                 temperature=req.temperature,
@@ -106,55 +197,135 @@ class Service:
                 min_tokens=req.min_tokens,
                 stop=tuple([req.stop] if isinstance(req.stop, str) else (req.stop or ())),
                 ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
             )
         except SamplingParamsError as exc:
             raise ApiError(400, str(exc)) from None
 
-    async def run(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Yield the request's token events; stops the generation if the consumer goes away."""
+    async def events(self, requests: list[GenerationRequest]) -> AsyncIterator[TokenEvent]:
+        """Submit requests and yield their events as produced; cancels what is left if the consumer stops."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        cancelled = threading.Event()
-        done = object()
+        queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
 
-        def work() -> None:
+        def deliver(item: TokenEvent | BaseException) -> None:
             try:
-                with self._lock:
-                    events = self.generator.generate([request])
-                    try:
-                        for ev in events:
-                            loop.call_soon_threadsafe(queue.put_nowait, ev)
-                            if cancelled.is_set():
-                                break
-                    finally:
-                        events.close()  # frees the session's KV blocks on every stage
-            except BaseException as exc:  # noqa: BLE001 - handed to the event loop
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone (server shutting down)
+                pass
 
-        thread = threading.Thread(target=work, name=f"gen-{request.request_id}", daemon=True)
-        thread.start()
         try:
-            while True:
+            self.engine.submit(requests, deliver)
+        except ContextLengthError as exc:
+            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        except EngineBusyError as exc:
+            raise _busy(exc) from None
+        remaining = {r.request_id for r in requests}
+        try:
+            while remaining:
                 item = await queue.get()
-                if item is done:
-                    return
                 if isinstance(item, BaseException):
                     raise item
+                if item.finish_reason is not None:
+                    remaining.discard(item.request_id)
                 yield item
         finally:
-            cancelled.set()
+            if remaining:
+                self.engine.cancel(list(remaining))
+
+    def status(self) -> dict[str, Any]:
+        em = self.end_model
+        stages = []
+        caches = {id(s): getattr(s, "cache", None) for s in self.generator.stages}
+        for s, executor in zip(self.generator.stages, self.info.executors or ["?"] * len(self.stage_labels)):
+            c = caches[id(s)]
+            stages.append(
+                {
+                    "layers": [s.start, s.end],
+                    "executor": executor,
+                    "kv_blocks_used": getattr(c, "blocks_used", 0),
+                    "kv_blocks_total": getattr(c, "blocks_total", 0),
+                    "kv_block_size": getattr(c, "block_size", 0),
+                    "kv_block_bytes": getattr(c, "block_bytes", 0),
+                    "sessions": len(getattr(c, "sessions", [])),
+                }
+            )
+        st = self.engine.stats
+        return {
+            "node_id": self.info.node_id,
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started, 3),
+            "model": {
+                "name": self.model_name,
+                "source": self.info.source,
+                "num_layers": em.num_layers,
+                "context_length": self.engine.context_length,
+                "end_model": True,
+                "dtype": str(em.dtype).removeprefix("torch."),
+            },
+            "stages": stages,
+            "requests": {"active": st.active, "queued": st.queued, "served": st.served},
+        }
+
+
+# ------------------------------------------------------------------------------- responses
+def _token_text(tok: Any, token: int) -> str:
+    return tok.decode([token], skip_special_tokens=False)
+
+
+class _Choice:
+    """Accumulates one choice's text, tokens and logprobs."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.n = 0
+        self.finish: str | None = None
+        self.logprobs: list[dict[str, Any]] = []
+
+
+def _chat_logprob_entry(tok: Any, ev: TokenEvent) -> dict[str, Any]:
+    def one(t: int, lp: float) -> dict[str, Any]:
+        s = _token_text(tok, t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {**one(ev.token, ev.logprob), "top_logprobs": [one(t, lp) for t, lp in ev.top_logprobs]}
+
+
+def _completion_logprobs(tok: Any, events: list[TokenEvent], offset0: int = 0) -> dict[str, Any]:
+    tokens, lps, tops, offsets = [], [], [], []
+    offset = offset0
+    for ev in events:
+        s = _token_text(tok, ev.token)
+        tokens.append(s)
+        lps.append(ev.logprob)
+        tops.append({_token_text(tok, t): lp for t, lp in ev.top_logprobs})
+        offsets.append(offset)
+        offset += len(s)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def build_app(service: Service) -> Starlette:
-    tok = service.generator.end_model
+    em = service.end_model
+    tok = em.tokenizer
+    m = service.metrics
 
-    async def parse(request: Request, cls: type[BaseModel]) -> Any:
+    async def read_json(request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
         try:
-            data = orjson.loads(await request.body())
+            return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
             raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+
+    async def parse(request: Request, cls: type[BaseModel]) -> Any:
+        data = await read_json(request)
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object")
         try:
             parsed = cls.model_validate(data)
         except ValidationError as exc:
@@ -167,132 +338,281 @@ def build_app(service: Service) -> Starlette:
                 f"model {parsed.model!r} does not exist; this server has {service.model_name!r}",
                 kind="not_found_error",
                 param="model",
+                code="model_not_found",
             )
+        if parsed.stream_options is not None and not parsed.stream:
+            raise ApiError(400, "stream_options is only allowed with stream=true", param="stream_options")
         return parsed
 
-    async def respond(req: _Common, prompt_ids: list[int], chat: bool) -> Response:
-        params = service.params(req)
-        gen_req = GenerationRequest(
-            prompt_ids, params, request_id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        )
+    def make_requests(
+        req: _Common, prompts: list[list[int]], prefix: str, logprobs: int | None
+    ) -> list[GenerationRequest]:
+        rid = prefix + uuid.uuid4().hex
+        out = []
+        for p_idx, ids in enumerate(prompts):
+            if not ids:
+                raise ApiError(400, "the prompt is empty: it must contain at least one token", param="prompt")
+            if any(not 0 <= t < em.vocab_size for t in ids):
+                raise ApiError(400, f"prompt token ids must be in [0, {em.vocab_size})", param="prompt")
+            params = service.params(req, len(ids), logprobs)
+            for i in range(req.n):
+                seed = None if req.seed is None else req.seed + i
+                choice_params = params if i == 0 else _with_seed(params, seed)
+                out.append(GenerationRequest(ids, choice_params, request_id=f"{rid}-{p_idx * req.n + i}"))
+        return out
+
+    async def respond(req: _Common, prompts: list[list[int]], chat: bool, logprobs: int | None) -> Response:
+        arrived = time.perf_counter()
+        requests = make_requests(req, prompts, "chatcmpl-" if chat else "cmpl-", logprobs)
+        base_id = requests[0].request_id.rsplit("-", 1)[0]
+        index = {r.request_id: i for i, r in enumerate(requests)}
+        prompt_tokens = sum(len(p) for p in prompts)
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
-        try:
-            service.generator.check_request(gen_req)
-        except ContextLengthError as exc:
-            raise ApiError(400, str(exc), param="messages" if chat else "prompt") from None
+        want_lp = logprobs is not None
+        choices = [_Choice() for _ in requests]
+        last_at: dict[str, float] = {}
 
-        def usage(n: int) -> dict[str, int]:
-            return {
-                "prompt_tokens": len(prompt_ids),
-                "completion_tokens": n,
-                "total_tokens": len(prompt_ids) + n,
-            }
+        def observe(ev: TokenEvent) -> None:
+            now = time.perf_counter()
+            prev = last_at.get(ev.request_id)
+            (m.ttft.observe(now - arrived) if prev is None else m.itl.observe(now - prev))
+            last_at[ev.request_id] = now
+            m.generation_tokens.inc()
+            if ev.finish_reason is not None:
+                m.e2e.observe(now - arrived)
+
+        def usage() -> dict[str, int]:
+            n = sum(c.n for c in choices)
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
+
+        stream = service.events(requests)
+        # Wait for the first token before answering, so that a refusal (capacity, a failed prefill)
+        # is still a proper HTTP error and not a broken stream.
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:  # pragma: no cover - every request yields at least one event
+            first = None
+        except (ApiError, RequestCancelled):
+            raise
+        except LpipesError as exc:
+            raise ApiError(500, f"generation failed: {exc}", kind="server_error") from None
+        m.prompt_tokens.inc(prompt_tokens)
 
         if not req.stream:
-            text, n, finish = [], 0, "length"
-            async for ev in service.run(gen_req):
-                text.append(ev.text)
-                n += 1
-                finish = ev.finish_reason or finish
-            content = "".join(text)
-            choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": content}
-            else:
-                choice["text"] = content
-            return JSONResponse(
-                {
-                    "id": gen_req.request_id,
-                    "object": obj,
-                    "created": created,
-                    "model": service.model_name,
-                    "choices": [choice],
-                    "usage": usage(n),
-                }
-            )
-
-        include_usage = bool((req.stream_options or {}).get("include_usage"))
-
-        async def sse() -> AsyncIterator[bytes]:
-            base = {
-                "id": gen_req.request_id,
-                "object": obj + (".chunk" if chat else ""),
+            ev: TokenEvent | None = first
+            try:
+                while ev is not None:
+                    observe(ev)
+                    c = choices[index[ev.request_id]]
+                    c.text.append(ev.text)
+                    c.n += 1
+                    c.finish = ev.finish_reason or c.finish
+                    if want_lp:
+                        c.logprobs.append(ev)
+                    ev = await anext(stream, None)
+            finally:
+                await stream.aclose()
+            out = []
+            for i, c in enumerate(choices):
+                content = "".join(c.text)
+                item: dict[str, Any] = {"index": i, "finish_reason": c.finish or "length", "logprobs": None}
+                if chat:
+                    item["message"] = {"role": "assistant", "content": content}
+                    if want_lp:
+                        item["logprobs"] = {"content": [_chat_logprob_entry(tok, e) for e in c.logprobs]}
+                else:
+                    item["text"] = content
+                    if want_lp:
+                        item["logprobs"] = _completion_logprobs(tok, c.logprobs)
+                out.append(item)
+            body = {
+                "id": base_id,
+                "object": obj,
                 "created": created,
                 "model": service.model_name,
+                "choices": out,
+                "usage": usage(),
             }
-            n = 0
-            if chat:
-                first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                yield b"data: " + orjson.dumps({**base, "choices": [first]}) + b"\n\n"
-            async for ev in service.run(gen_req):
-                n += 1
-                if chat:
-                    choice = {
-                        "index": 0,
-                        "delta": {"content": ev.text} if ev.text else {},
-                        "finish_reason": ev.finish_reason,
-                    }
-                else:
-                    choice = {
-                        "index": 0,
-                        "text": ev.text,
-                        "finish_reason": ev.finish_reason,
-                        "logprobs": None,
-                    }
-                chunk = {**base, "choices": [choice]}
-                if include_usage:
-                    chunk["usage"] = None
-                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            return Response(orjson.dumps(body), media_type="application/json")
+
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        base = {
+            "id": base_id,
+            "object": obj + (".chunk" if chat else ""),
+            "created": created,
+            "model": service.model_name,
+        }
+
+        def chunk(choice_list: list[dict[str, Any]]) -> bytes:
+            body = {**base, "choices": choice_list}
             if include_usage:
-                yield b"data: " + orjson.dumps({**base, "choices": [], "usage": usage(n)}) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+                body["usage"] = None
+            return b"data: " + orjson.dumps(body) + b"\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream")
+        async def sse() -> AsyncIterator[bytes]:
+            try:
+                if chat:
+                    yield chunk(
+                        [
+                            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                            for i in range(len(requests))
+                        ]
+                    )
+                ev: TokenEvent | None = first
+                offsets = [0] * len(requests)
+                while ev is not None:
+                    observe(ev)
+                    i = index[ev.request_id]
+                    choices[i].n += 1
+                    if chat:
+                        item: dict[str, Any] = {
+                            "index": i,
+                            "delta": {"content": ev.text} if ev.text else {},
+                            "finish_reason": ev.finish_reason,
+                            "logprobs": {"content": [_chat_logprob_entry(tok, ev)]} if want_lp else None,
+                        }
+                    else:
+                        item = {
+                            "index": i,
+                            "text": ev.text,
+                            "finish_reason": ev.finish_reason,
+                            "logprobs": _completion_logprobs(tok, [ev], offsets[i]) if want_lp else None,
+                        }
+                        offsets[i] += len(_token_text(tok, ev.token)) if want_lp else 0
+                    yield chunk([item])
+                    try:
+                        ev = await anext(stream, None)
+                    except LpipesError as exc:
+                        err = _error_body(f"generation failed: {exc}", "server_error")
+                        yield b"data: " + orjson.dumps(err) + b"\n\n"
+                        break
+                if include_usage:
+                    yield b"data: " + orjson.dumps({**base, "choices": [], "usage": usage()}) + b"\n\n"
+                yield b"data: [DONE]\n\n"
+            finally:
+                await stream.aclose()  # a client that went away cancels its requests here
 
-    def guarded(handler: Any) -> Any:
+        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def guarded(handler: Any, endpoint_name: str, auth: bool = True) -> Any:
         async def endpoint(request: Request) -> Response:
             try:
-                return await handler(request)
+                if auth:
+                    service.check_key(request)
+                response = await handler(request)
             except ApiError as exc:
-                return _error(exc.status, exc.message, exc.kind, exc.param)
+                response = _error(exc)
+            except EngineBusyError as exc:
+                response = _error(_busy(exc))
             except LpipesError as exc:
-                return _error(400, str(exc))
+                response = _error(ApiError(400, str(exc)))
+            m.requests.labels(endpoint_name, str(response.status_code)).inc()
+            return response
 
         return endpoint
 
+    def chat_messages(req: ChatRequest) -> list[dict[str, Any]]:
+        messages = []
+        for i, msg in enumerate(req.messages):
+            d = msg.model_dump(exclude_none=True)
+            if isinstance(msg.content, list):
+                texts = []
+                for part in msg.content:
+                    kind = part.get("type")
+                    if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
+                        raise ApiError(
+                            400,
+                            f"messages[{i}].content: this model takes text only; got a {kind!r} part",
+                            param=f"messages.{i}.content",
+                        )
+                    texts.append(part["text"])
+                d["content"] = "".join(texts)
+            messages.append(d)
+        return messages
+
     async def chat(request: Request) -> Response:
         req: ChatRequest = await parse(request, ChatRequest)
-        messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         try:
-            ids = tok.encode_chat(messages)
+            ids = em.encode_chat(chat_messages(req), tools=req.tools)
+        except ApiError:
+            raise
         except Exception as exc:  # noqa: BLE001 - template errors are the client's
             raise ApiError(
                 400, f"cannot render the chat template for these messages: {exc}", param="messages"
             ) from None
-        return await respond(req, ids, chat=True)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return await respond(req, [ids], chat=True, logprobs=logprobs)
 
     async def completions(request: Request) -> Response:
         req: CompletionRequest = await parse(request, CompletionRequest)
-        ids = req.prompt if isinstance(req.prompt, list) else tok.encode_prompt(req.prompt)
-        return await respond(req, list(ids), chat=False)
+        if req.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        if req.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [em.encode_prompt(p)]
+        elif p and all(isinstance(x, str) for x in p):
+            prompts = [em.encode_prompt(x) for x in p]  # type: ignore[arg-type]
+        elif p and all(isinstance(x, list) for x in p):
+            prompts = [list(x) for x in p]  # type: ignore[arg-type]
+        else:
+            prompts = [list(p)]  # type: ignore[arg-type]
+        if len(prompts) * req.n > MAX_N * 4:
+            raise ApiError(400, f"at most {MAX_N * 4} completions per request", param="prompt")
+        return await respond(req, prompts, chat=False, logprobs=req.logprobs)
 
     async def models(request: Request) -> Response:
         return JSONResponse(
             {
                 "object": "list",
-                "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "lpipes"}],
+                "data": [
+                    {
+                        "id": service.model_name,
+                        "object": "model",
+                        "created": int(service.started),
+                        "owned_by": "lpipes",
+                        "max_model_len": service.engine.context_length,
+                    }
+                ],
             }
         )
 
     async def health(request: Request) -> Response:
+        if not service.engine.alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Retry-After": "5"})
         return JSONResponse({"status": "ok"})
+
+    async def status(request: Request) -> Response:
+        return Response(orjson.dumps(service.status()), media_type="application/json")
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            service.engine.close()
 
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/v1/chat/completions", guarded(chat), methods=["POST"]),
-            Route("/v1/completions", guarded(completions), methods=["POST"]),
-        ]
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/lpipes/status", guarded(status, "status"), methods=["GET"]),
+            Route("/v1/models", guarded(models, "models"), methods=["GET"]),
+            Route("/v1/chat/completions", guarded(chat, "chat"), methods=["POST"]),
+            Route("/v1/completions", guarded(completions, "completions"), methods=["POST"]),
+        ],
+        lifespan=lifespan,
     )
+
+
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    import dataclasses
+
+    return dataclasses.replace(params, seed=seed)

@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(config_path: str) -> int:
     import uvicorn
 
-    from lpipes.api.server import Service, build_app
+    from lpipes.api.server import NodeInfo, Service, build_app
     from lpipes.config import load_config
+    from lpipes.generation.engine import Engine
     from lpipes.models.checkpoint import open_checkpoint
     from lpipes.runtime.local import build_local_generator
 
@@ -147,12 +148,30 @@ def _serve(config_path: str) -> int:
             f"{config_path}: layers {list(m.span)} do not cover all {ckpt.num_layers} layers; "
             "a node serving alone must hold every layer (the peer network comes later)"
         )
-    generator = build_local_generator(m.source, dtype=m.dtype, executor=m.executor)
+    generator = build_local_generator(
+        m.source, dtype=m.dtype, executor=m.executor, kv_cache_bytes=int(m.kv_cache_gb * (1 << 30))
+    )
+    engine = Engine(generator, max_batch_size=cfg.api.max_batch_size, max_queued=cfg.api.max_queued_requests)
     name = m.id or (m.path.name if m.path else m.source)
-    app = build_app(Service(generator, name))
+    info = NodeInfo(
+        node_id=cfg.node_id,
+        source=m.source,
+        executors=[
+            "native" if type(s).__name__ == "NativeExecutor" else "reference" for s in generator.stages
+        ],
+    )
+    app = build_app(Service(engine, name, info=info, api_keys=cfg.api.api_keys))
     host, _, port = cfg.api.listen.rpartition(":")
+    if not cfg.api.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the API listens on %s without api_keys: anyone who can reach it can use it", host)
     log.warning("serving %s on http://%s:%s/v1 (node %s)", name, host, port, cfg.node_id)
-    uvicorn.run(app, host=host, port=int(port), log_level="warning")
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        loop = "asyncio"
+    uvicorn.run(app, host=host, port=int(port), log_level="warning", loop=loop, timeout_graceful_shutdown=5)
     return 0
 
 

@@ -118,6 +118,11 @@ class Engine:
         limits = [x for x in [ctx, *pools] if x]
         return min(limits) if limits else 0
 
+    @property
+    def alive(self) -> bool:
+        """True while the worker thread runs and the engine accepts requests."""
+        return self._thread.is_alive() and not self._stopping
+
     def submit(self, requests: Sequence[GenerationRequest], callback: Callback) -> None:
         """Queue requests (all or none); ``callback`` gets every event of each, from the worker thread.
 

@@ -59,6 +59,7 @@ class EndModel:
         names = ckpt.end_tensor_names()
         t = ckpt.load_tensors(names.values())
         hidden, vocab = int(cfg.hidden_size), int(cfg.vocab_size)
+        self.vocab_size = vocab
         emb_w = t[names["embed_tokens"]]
         if tuple(emb_w.shape) != (vocab, hidden):
             raise CheckpointError(f"embedding is {list(emb_w.shape)}, config says [{vocab}, {hidden}]")
@@ -153,13 +154,21 @@ class EndModel:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
     def encode_chat(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> list[int]:
-        """Token ids of a conversation rendered with the checkpoint's chat template."""
+        """Token ids of a conversation (and tool schemas, if any) rendered with the chat template."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise CheckpointError("this model's tokenizer has no chat template; send a plain prompt instead")
         ids = self.tokenizer.apply_chat_template(
-            list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+            list(messages),
+            tools=list(tools) if tools else None,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=False,
         )
         return [int(i) for i in ids]
 
