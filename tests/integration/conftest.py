@@ -69,6 +69,10 @@ def start_server(tiny_checkpoint, tmp_path_factory) -> Iterator[Callable[..., Se
             f'node_id = "solo"\n[api]\nlisten = "127.0.0.1:{port}"\n{api_extra}'
             f'[[models]]\npath = "{path}"\nend_model = true\n{model_extra}'
         )
+        started[key] = serve_config(cfg, f"http://127.0.0.1:{port}", path)
+        return started[key]
+
+    def serve_config(cfg: Path, base: str, path: Path) -> Served:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lpipes.cli.main", "serve", "--config", str(cfg)],
             env={**os.environ, "HF_HUB_OFFLINE": "1", "LPIPES_NUM_THREADS": "1"},
@@ -76,10 +80,10 @@ def start_server(tiny_checkpoint, tmp_path_factory) -> Iterator[Callable[..., Se
             stderr=subprocess.PIPE,
         )
         procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
         _wait_healthy(proc, base)
-        started[key] = Served(base, path.name, path, cfg, proc.pid)
-        return started[key]
+        return Served(base, path.name, path, cfg, proc.pid)
+
+    start.serve_config = serve_config  # type: ignore[attr-defined]
 
     try:
         yield start
