@@ -98,3 +98,9 @@ def start_server(tiny_checkpoint, tmp_path_factory) -> Iterator[Callable[..., Se
 def server(start_server) -> Served:
     """The default server: the tiny qwen3 checkpoint in float32, no API keys."""
     return start_server()
+
+
+@pytest.fixture(scope="session")
+def wait_healthy() -> Callable[[subprocess.Popen, str], None]:
+    """``wait_healthy(proc, base_url)``: return once /health answers 200; fail if the process exits."""
+    return _wait_healthy

@@ -85,7 +85,7 @@ def test_generate_missing_model(tmp_path):
 
 
 def test_demo_runs(tmp_path):
-    out = _lpipes("demo", "--max-tokens", "5", env_extra={"LPIPES_CACHE": str(tmp_path)})
+    out = _lpipes("demo", "--prompt", "hi", "--max-tokens", "5", env_extra={"LPIPES_CACHE": str(tmp_path)})
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "demo-qwen3" / "config.json").is_file()
     assert out.stdout.endswith("\n")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from lpipes import __version__
 from lpipes.errors import LpipesError
@@ -98,19 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="build a small random-weight model locally and generate with it split into three spans",
+        help="serve a small random-weight model, split into three spans, over the OpenAI-compatible API",
         description=(
-            "Build (once, seeded) a tiny random-weight model in the lpipes cache and run a generation "
-            "with its "
-            "layers split over three in-process spans. The weights are random, so the text is gibberish: the "
-            "demo shows the machinery, not a model."
+            "Build (once, seeded) a tiny random-weight model in the lpipes cache, split its layers over "
+            "three in-process spans and serve it over the OpenAI-compatible API until Ctrl-C. With --prompt, "
+            "generate once and print instead. The weights are random, so the text is gibberish: the demo "
+            "shows the machinery, not a model."
         ),
     )
     demo.add_argument(
         "--arch", default=DEMO_ARCH, help=f"architecture of the demo model (default {DEMO_ARCH})"
     )
-    demo.add_argument("--prompt", default="Hello! What can distributed inference do?", help="the prompt text")
-    demo.add_argument("--max-tokens", type=_nonneg_int, default=24, help="tokens to generate (default 24)")
+    demo.add_argument(
+        "--listen",
+        default="127.0.0.1:8000",
+        metavar="HOST:PORT",
+        help="address of the API (default 127.0.0.1:8000)",
+    )
+    demo.add_argument("--prompt", default=None, help="generate once for this prompt, print it and exit")
+    demo.add_argument(
+        "--max-tokens", type=_nonneg_int, default=24, help="tokens to generate with --prompt (default 24)"
+    )
     serve = sub.add_parser(
         "serve",
         help="serve a model from a node configuration over the OpenAI-compatible API",
@@ -127,12 +138,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _serve(config_path: str) -> int:
+def _run_server(
+    generator: Any,
+    name: str,
+    listen: str,
+    info: Any,
+    api_keys: Sequence[str] = (),
+    max_batch_size: int = 16,
+    max_queued: int = 64,
+    banner: str | None = None,
+) -> int:
     import uvicorn
 
-    from lpipes.api.server import NodeInfo, Service, build_app
-    from lpipes.config import load_config
+    from lpipes.api.server import Service, build_app
     from lpipes.generation.engine import Engine
+
+    host, _, port = listen.rpartition(":")
+    try:  # a clear error now rather than uvicorn's log line after the engine started
+        with socket.create_server((host, int(port))):
+            pass
+    except OSError as exc:
+        raise LpipesError(
+            f"cannot listen on {listen}: {exc.strerror or exc}; choose another address"
+        ) from None
+    engine = Engine(generator, max_batch_size=max_batch_size, max_queued=max_queued)
+    app = build_app(Service(engine, name, info=info, api_keys=api_keys))
+    if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the API listens on %s without api_keys: anyone who can reach it can use it", host)
+    print(banner or f"serving {name} on http://{listen}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        loop = "asyncio"
+    try:
+        uvicorn.run(
+            app, host=host, port=int(port), log_level="warning", loop=loop, timeout_graceful_shutdown=5
+        )
+    finally:
+        engine.close()
+    return 0
+
+
+def _executor_names(generator: Any) -> list[str]:
+    from lpipes.runtime.native import NativeExecutor
+
+    return ["native" if isinstance(s, NativeExecutor) else "reference" for s in generator.stages]
+
+
+def _serve(config_path: str) -> int:
+    from lpipes.api.server import NodeInfo
+    from lpipes.config import load_config
     from lpipes.models.checkpoint import open_checkpoint
     from lpipes.runtime.local import build_local_generator
 
@@ -151,28 +208,62 @@ def _serve(config_path: str) -> int:
     generator = build_local_generator(
         m.source, dtype=m.dtype, executor=m.executor, kv_cache_bytes=int(m.kv_cache_gb * (1 << 30))
     )
-    engine = Engine(generator, max_batch_size=cfg.api.max_batch_size, max_queued=cfg.api.max_queued_requests)
     name = m.id or (m.path.name if m.path else m.source)
-    info = NodeInfo(
-        node_id=cfg.node_id,
-        source=m.source,
-        executors=[
-            "native" if type(s).__name__ == "NativeExecutor" else "reference" for s in generator.stages
-        ],
+    info = NodeInfo(node_id=cfg.node_id, source=m.source, executors=_executor_names(generator))
+    return _run_server(
+        generator,
+        name,
+        cfg.api.listen,
+        info,
+        api_keys=cfg.api.api_keys,
+        max_batch_size=cfg.api.max_batch_size,
+        max_queued=cfg.api.max_queued_requests,
+        banner=f"serving {name} on http://{cfg.api.listen}/v1 (node {cfg.node_id}; Ctrl-C to stop)",
     )
-    app = build_app(Service(engine, name, info=info, api_keys=cfg.api.api_keys))
-    host, _, port = cfg.api.listen.rpartition(":")
-    if not cfg.api.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("the API listens on %s without api_keys: anyone who can reach it can use it", host)
-    log.warning("serving %s on http://%s:%s/v1 (node %s)", name, host, port, cfg.node_id)
-    try:
-        import uvloop  # noqa: F401
 
-        loop = "uvloop"
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        loop = "asyncio"
-    uvicorn.run(app, host=host, port=int(port), log_level="warning", loop=loop, timeout_graceful_shutdown=5)
-    return 0
+
+def _demo(args: argparse.Namespace) -> int:
+    from lpipes.api.server import NodeInfo
+    from lpipes.config import ApiConfig
+    from lpipes.runtime.local import build_local_generator
+
+    try:
+        ApiConfig(listen=args.listen)
+    except ValueError:
+        raise LpipesError(
+            f"--listen must be HOST:PORT with a port in 1..65535, got {args.listen!r}"
+        ) from None
+    path = demo_model(args.arch)
+    split = [2, 4]
+    print(f"demo model: {path} (random weights), layers split into [0,2) [2,4) [4,6)", file=sys.stderr)
+    if args.prompt is not None:
+        demo_args = argparse.Namespace(
+            prompt=args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=0,
+            seed=None,
+            stop=[],
+            ignore_eos=True,
+            raw=False,
+            split=split,
+            dtype="auto",
+            executor="auto",
+        )
+        return _run_generation(path, demo_args)
+    generator = build_local_generator(path, split=split, dtype="auto")
+    url = f"http://{args.listen}"
+    body = json.dumps(
+        {"model": path.name, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 16}
+    )
+    banner = (
+        f"serving the demo model as {path.name!r} on {url}/v1 (Ctrl-C to stop). Try:\n"
+        f"  lpipes chat --url {url}\n"
+        f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d '{body}'"
+    )
+    info = NodeInfo(node_id="demo", source=str(path), executors=_executor_names(generator))
+    return _run_server(generator, path.name, args.listen, info, banner=banner)
 
 
 def _cache_dir() -> Path:
@@ -244,25 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args.config)
         if args.command == "demo":
-            path = demo_model(args.arch)
-            demo_args = argparse.Namespace(
-                prompt=args.prompt,
-                max_tokens=args.max_tokens,
-                temperature=0.0,
-                top_p=1.0,
-                top_k=0,
-                seed=None,
-                stop=[],
-                ignore_eos=True,
-                raw=False,
-                split=[2, 4],
-                dtype="auto",
-                executor="auto",
-            )
-            print(
-                f"demo model: {path} (random weights), layers split into [0,2) [2,4) [4,6)", file=sys.stderr
-            )
-            return _run_generation(path, demo_args)
+            return _demo(args)
     except LpipesError as exc:
         print(f"lpipes: error: {exc}", file=sys.stderr)
         return 2
