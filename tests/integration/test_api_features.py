@@ -370,3 +370,19 @@ def test_config_written_by_init_is_served(start_server, tiny_checkpoint, tmp_pat
     assert httpx.get(served.base + "/lpipes/status").json()["node_id"] == "from-init"
     reply = _client(served.base).completions.create(model=served.model, prompt="hello", max_tokens=2)
     assert reply.usage.completion_tokens >= 1
+
+
+def test_serve_refuses_layers_over_the_memory_budget(tiny_checkpoint, tmp_path):
+    cfg = tmp_path / "node.toml"
+    cfg.write_text(
+        f'node_id = "small"\n[api]\nlisten = "127.0.0.1:{free_port()}"\n'
+        f'[[models]]\npath = "{tiny_checkpoint("qwen3")}"\nend_model = true\nmax_memory_gb = 0.00001\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "lpipes.cli.main", "serve", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "over max_memory_gb = 1e-05" in out.stderr and "GiB of weights" in out.stderr

@@ -191,7 +191,7 @@ def _serve(config_path: str) -> int:
     from lpipes.api.server import NodeInfo
     from lpipes.config import load_config
     from lpipes.models.checkpoint import open_checkpoint
-    from lpipes.runtime.local import build_local_generator
+    from lpipes.runtime.local import build_local_generator, resolve_dtype, weight_bytes
 
     cfg = load_config(config_path)
     if cfg.api is None:
@@ -205,8 +205,16 @@ def _serve(config_path: str) -> int:
             f"{config_path}: layers {list(m.span)} do not cover all {ckpt.num_layers} layers; "
             "a node serving alone must hold every layer (the peer network comes later)"
         )
+    dtype = resolve_dtype(ckpt, m.dtype, m.executor)
+    need = weight_bytes(ckpt, 0, ckpt.num_layers, dtype)
+    if need > m.max_memory_gb * (1 << 30):
+        raise LpipesError(
+            f"{config_path}: the {ckpt.num_layers} layers need {need / (1 << 30):.2f} GiB of weights "
+            f"in {dtype}, over max_memory_gb = {m.max_memory_gb}; raise max_memory_gb (or spread the "
+            "layers over peers once the network is available)"
+        )
     generator = build_local_generator(
-        m.source, dtype=m.dtype, executor=m.executor, kv_cache_bytes=int(m.kv_cache_gb * (1 << 30))
+        m.source, dtype=dtype, executor=m.executor, kv_cache_bytes=int(m.kv_cache_gb * (1 << 30))
     )
     name = m.id or (m.path.name if m.path else m.source)
     info = NodeInfo(node_id=cfg.node_id, source=m.source, executors=_executor_names(generator))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections import defaultdict
 from collections.abc import Iterable
@@ -114,6 +115,23 @@ class Checkpoint:
 
     def files_for(self, names: Iterable[str]) -> set[str]:
         return {self.weight_map[n] for n in names}
+
+    def tensor_numel(self, names: Iterable[str]) -> int:
+        """Elements of the named tensors, read from the safetensors headers (no tensor data is read)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            by_file[self.weight_map[name]].append(name)
+        total = 0
+        for fname, fnames in by_file.items():
+            fpath = self.path / fname
+            if not fpath.is_file():
+                continue  # not downloaded (yet); load_tensors reports it
+            with safe_open(str(fpath), framework="pt", device="cpu") as f:
+                for name in fnames:
+                    total += math.prod(f.get_slice(name).get_shape())
+        return total
 
     # ---------------------------------------------------------------- loading
     def load_tensors(self, names: Iterable[str]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from lpipes.errors import CheckpointError
 from lpipes.models.checkpoint import Checkpoint
+from lpipes.progress import track
 
 _EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
@@ -90,7 +91,7 @@ def load_decoder_layers(
             raise CheckpointError(f"{ckpt.path}: no tensors for layer {i} under prefix {ckpt.prefix!r}")
     tensors = ckpt.load_tensors(n for names in wanted.values() for n in names)
     layers = []
-    for i, names in wanted.items():
+    for i, names in track(wanted.items(), f"loading layers [{start}, {end})", total=len(wanted)):
         head = f"{ckpt.prefix}layers.{i}."
         state = {n[len(head) :]: tensors[n] for n in names}
         if ckpt.arch.fused_experts:

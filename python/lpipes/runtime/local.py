@@ -17,6 +17,7 @@ from lpipes.errors import LpipesError
 from lpipes.generation.loop import Generator, Stage
 from lpipes.models.checkpoint import Checkpoint, open_checkpoint
 from lpipes.models.end_model import EndModel
+from lpipes.models.modules import parse_dtype
 from lpipes.runtime.native import NativeExecutor, native_support
 from lpipes.runtime.reference import ReferenceExecutor, split_points_to_spans
 
@@ -50,6 +51,23 @@ def make_executor(
     return ReferenceExecutor(ckpt, start, end, dtype=dtype, **kwargs)
 
 
+def resolve_dtype(
+    ckpt: Checkpoint, dtype: str | torch.dtype, executor: ExecutorKind = "auto"
+) -> str | torch.dtype:
+    """``auto`` → float16 where the native executor runs the architecture (and ``executor`` allows it),
+    else float32; any other dtype is returned unchanged."""
+    if dtype != "auto":
+        return dtype
+    native_ok = executor != "reference" and native_support(ckpt, "float16") is None
+    return "float16" if native_ok else "float32"
+
+
+def weight_bytes(ckpt: Checkpoint, start: int, end: int, dtype: str | torch.dtype) -> int:
+    """Bytes the weights of layers ``[start, end)`` take in ``dtype`` (from the file headers)."""
+    names = [n for i in range(start, end) for n in ckpt.layer_tensor_names(i)]
+    return ckpt.tensor_numel(names) * parse_dtype(dtype).itemsize
+
+
 def build_local_generator(
     model: str | Path,
     *,
@@ -70,9 +88,7 @@ def build_local_generator(
         kv_cache_bytes: each span's paged KV pool budget (default 512 MiB).
     """
     end_ckpt = open_checkpoint(model, end_model=True, revision=revision)
-    if dtype == "auto":
-        native_ok = executor != "reference" and native_support(end_ckpt, "float16") is None
-        dtype = "float16" if native_ok else "float32"
+    dtype = resolve_dtype(end_ckpt, dtype, executor)
     spans = split_points_to_spans(end_ckpt.num_layers, list(split))
     # Open (and so validate) every span before loading any weights.
     ckpts = [open_checkpoint(model, layers=span, end_model=False, revision=revision) for span in spans]
