@@ -386,3 +386,67 @@ def test_serve_refuses_layers_over_the_memory_budget(tiny_checkpoint, tmp_path):
     )
     assert out.returncode == 2
     assert "over max_memory_gb = 1e-05" in out.stderr and "GiB of weights" in out.stderr
+
+
+def test_openai_nulls_extensions_and_refusals(server, hf):
+    url = server.base + "/v1/completions"
+    base = {"model": server.model, "prompt": "abc", "max_tokens": 4}
+    nulls = {"temperature": None, "top_p": None, "n": None, "seed": None, "stream": None, "logprobs": None}
+    r = httpx.post(url, json={**base, **nulls}, timeout=TIMEOUT_S)
+    assert r.status_code == 200, r.text
+    # stop_token_ids (vLLM extension): stop at the greedy run's third token.
+    tokens, _ = _greedy(hf, hf[0]("abc")["input_ids"], 6)
+    third = tokens[2]
+    r = httpx.post(url, json={**base, "temperature": 0, "max_tokens": 6, "stop_token_ids": [third]}).json()
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] <= 3
+    for extra, param in [
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"seed": 2**64}, "seed"),
+        ({"n": 16, "prompt": ["a", "b", "c", "d", "e"]}, "prompt"),
+    ]:
+        r = httpx.post(url, json={**base, **extra}, timeout=TIMEOUT_S)
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["param"] == param
+    r = httpx.post(
+        server.base + "/v1/chat/completions",
+        json={
+            "model": server.model,
+            "messages": [{"role": "user", "content": "x"}],
+            "tool_choice": "required",
+        },
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
+def test_logprob_bytes_rebuild_the_text(server):
+    reply = _client(server.base).chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "héllo ✓ 日本"}],
+        temperature=1.0,
+        seed=5,
+        max_tokens=24,
+        logprobs=True,
+        extra_body={"ignore_eos": True},
+    )
+    raw = b"".join(bytes(e.bytes) for e in reply.choices[0].logprobs.content)
+    assert raw.decode("utf-8", errors="replace") == reply.choices[0].message.content
+
+
+def test_non_streaming_disconnect_cancels_and_gauges_settle(start_server):
+    served = start_server(api_extra="max_batch_size = 1\n")
+    base = served.base
+    body = {"model": served.model, "prompt": "long", "max_tokens": 240, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json=body, timeout=1.0)  # gives up while it runs
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:
+        m = _metrics(base)
+        if m["lpipes_kv_blocks_used"] == 0 and m["lpipes_active_sessions"] == 0:
+            break
+        assert time.monotonic() < deadline, "the abandoned request kept its KV blocks"
+        time.sleep(0.1)
+    assert m["lpipes_generation_tokens_total"] < 240
+    _client(base).completions.create(model=served.model, prompt="x", max_tokens=2)
+    m = _metrics(base)
+    assert m["lpipes_active_sessions"] == 0 and m["lpipes_queued_requests"] == 0

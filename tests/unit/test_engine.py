@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from lpipes.errors import ContextLengthError
-from lpipes.generation.engine import Engine, EngineBusyError, RequestCancelled
+from lpipes.generation.engine import Engine, EngineBusyError, RequestCancelled, RequestTooLargeError
 from lpipes.generation.loop import GenerationRequest, TokenEvent
 from lpipes.generation.sampling import SamplingParams
 from lpipes.runtime.local import build_local_generator
@@ -116,6 +116,8 @@ def test_cancel_frees_blocks_and_queue_limit_refuses(model):
         assert first.first.wait(TIMEOUT_S)
         with pytest.raises(EngineBusyError, match="capacity"):
             engine.submit([GenerationRequest([1, 2, 3], long, request_id="b")], Collector(1))
+        with pytest.raises(RequestTooLargeError, match="at most 1"):
+            engine.submit([GenerationRequest([1], long, request_id=f"m{i}") for i in range(2)], Collector(2))
         engine.cancel(["a"])
         first.wait()
         assert isinstance(next(iter(first.errors.values())), RequestCancelled)

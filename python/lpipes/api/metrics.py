@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -41,8 +41,8 @@ class _EngineCollector(Collector):
         yield GaugeMetricFamily(
             "lpipes_queued_requests", "requests waiting for admission", value=stats.queued
         )
-        yield GaugeMetricFamily(
-            "lpipes_preemptions", "requests preempted for KV space since start", value=stats.preempted
+        yield CounterMetricFamily(
+            "lpipes_preemptions", "requests preempted for KV space (replayed later)", value=stats.preempted
         )
 
 

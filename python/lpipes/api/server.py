@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -27,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -36,7 +38,7 @@ from starlette.routing import Route
 from lpipes import __version__
 from lpipes.api.metrics import Metrics
 from lpipes.errors import ContextLengthError, LpipesError
-from lpipes.generation.engine import Engine, EngineBusyError, RequestCancelled
+from lpipes.generation.engine import Engine, EngineBusyError, RequestCancelled, RequestTooLargeError
 from lpipes.generation.loop import GenerationRequest, TokenEvent
 from lpipes.generation.sampling import SamplingParams, SamplingParamsError
 
@@ -54,8 +56,18 @@ class _Message(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+_SEED_MAX = 2**63 - 1 - MAX_N  # choice i samples with seed + i
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI clients send explicit nulls for unset fields; they mean "the default".
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -66,8 +78,11 @@ class _Common(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=_SEED_MAX)] | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -171,7 +186,19 @@ class Service:
                 code="invalid_api_key",
             )
 
-    def params(self, req: _Common, prompt_len: int, logprobs: int | None) -> SamplingParams:
+    def params(
+        self, req: _Common, prompt_len: int, logprobs: int | None, prompt_param: str
+    ) -> SamplingParams:
+        if req.logit_bias:
+            raise ApiError(400, "logit_bias is not supported", param="logit_bias")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise ApiError(
+                400, "response_format: only {'type': 'text'} is supported", param="response_format"
+            )
+        if any(t >= self.end_model.vocab_size for t in req.stop_token_ids or ()):
+            raise ApiError(
+                400, f"stop_token_ids must be in [0, {self.end_model.vocab_size})", param="stop_token_ids"
+            )
         max_tokens = req.max_completion_tokens or req.max_tokens
         ctx = self.engine.context_length
         if max_tokens is None:
@@ -179,7 +206,7 @@ class Service:
                 raise ApiError(
                     400,
                     f"this server's context length is {ctx} tokens, but the prompt has {prompt_len}",
-                    param="prompt",
+                    param=prompt_param,
                     code="context_length_exceeded",
                 )
             max_tokens = ctx - prompt_len if ctx else 256
@@ -196,13 +223,16 @@ class Service:
                 max_tokens=max_tokens,
                 min_tokens=req.min_tokens,
                 stop=tuple([req.stop] if isinstance(req.stop, str) else (req.stop or ())),
+                stop_token_ids=tuple(req.stop_token_ids or ()),
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
             )
         except SamplingParamsError as exc:
             raise ApiError(400, str(exc)) from None
 
-    async def events(self, requests: list[GenerationRequest]) -> AsyncIterator[TokenEvent]:
+    async def events(
+        self, requests: list[GenerationRequest], prompt_param: str = "prompt"
+    ) -> AsyncIterator[TokenEvent]:
         """Submit requests and yield their events as produced; cancels what is left if the consumer stops."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
@@ -216,7 +246,9 @@ class Service:
         try:
             self.engine.submit(requests, deliver)
         except ContextLengthError as exc:
-            raise ApiError(400, str(exc), param="messages", code="context_length_exceeded") from None
+            raise ApiError(400, str(exc), param=prompt_param, code="context_length_exceeded") from None
+        except RequestTooLargeError as exc:
+            raise ApiError(400, str(exc), param="n") from None
         except EngineBusyError as exc:
             raise _busy(exc) from None
         remaining = {r.request_id for r in requests}
@@ -272,6 +304,38 @@ def _token_text(tok: Any, token: int) -> str:
     return tok.decode([token], skip_special_tokens=False)
 
 
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """The inverse of GPT-2's byte → printable-character table used by byte-level BPE vocabularies."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = list(bs)
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_bytes(tok: Any, token: int) -> list[int]:
+    """The token's own UTF-8 bytes, also for a token holding part of a multi-byte character (whose
+    decoded text is only U+FFFD): read from the byte-level BPE piece or a ``<0xNN>`` byte-fallback piece."""
+    text = _token_text(tok, token)
+    if "\ufffd" in text:
+        piece = tok.convert_ids_to_tokens(token)
+        if isinstance(piece, str):
+            if m := _BYTE_FALLBACK.fullmatch(piece):
+                return [int(m.group(1), 16)]
+            table = _byte_level_decoder()
+            if piece and all(c in table for c in piece):
+                return [table[c] for c in piece]
+    return list(text.encode())
+
+
 class _Choice:
     """Accumulates one choice's text, tokens and logprobs."""
 
@@ -284,8 +348,7 @@ class _Choice:
 
 def _chat_logprob_entry(tok: Any, ev: TokenEvent) -> dict[str, Any]:
     def one(t: int, lp: float) -> dict[str, Any]:
-        s = _token_text(tok, t)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        return {"token": _token_text(tok, t), "logprob": lp, "bytes": _token_bytes(tok, t)}
 
     return {**one(ev.token, ev.logprob), "top_logprobs": [one(t, lp) for t, lp in ev.top_logprobs]}
 
@@ -354,14 +417,36 @@ def build_app(service: Service) -> Starlette:
                 raise ApiError(400, "the prompt is empty: it must contain at least one token", param="prompt")
             if any(not 0 <= t < em.vocab_size for t in ids):
                 raise ApiError(400, f"prompt token ids must be in [0, {em.vocab_size})", param="prompt")
-            params = service.params(req, len(ids), logprobs)
+            params = service.params(
+                req, len(ids), logprobs, "messages" if prefix.startswith("chat") else "prompt"
+            )
             for i in range(req.n):
                 seed = None if req.seed is None else req.seed + i
                 choice_params = params if i == 0 else _with_seed(params, seed)
                 out.append(GenerationRequest(ids, choice_params, request_id=f"{rid}-{p_idx * req.n + i}"))
         return out
 
-    async def respond(req: _Common, prompts: list[list[int]], chat: bool, logprobs: int | None) -> Response:
+    async def next_event(stream: AsyncIterator[TokenEvent]) -> TokenEvent | None:
+        """The next event, or None at the end; a failure of generation becomes its :class:`ApiError`."""
+        try:
+            return await anext(stream, None)
+        except ApiError:
+            raise
+        except RequestCancelled:
+            raise ApiError(503, "the server is shutting down", kind="service_unavailable") from None
+        except Exception as exc:  # noqa: BLE001 - reported to the client, logged here
+            log.exception("generation failed")
+            raise ApiError(500, f"generation failed: {exc}", kind="server_error") from None
+
+    async def disconnected(request: Request) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def respond(
+        request: Request, req: _Common, prompts: list[list[int]], chat: bool, logprobs: int | None
+    ) -> Response:
         arrived = time.perf_counter()
         requests = make_requests(req, prompts, "chatcmpl-" if chat else "cmpl-", logprobs)
         base_id = requests[0].request_id.rsplit("-", 1)[0]
@@ -386,22 +471,20 @@ def build_app(service: Service) -> Starlette:
             n = sum(c.n for c in choices)
             return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
 
-        stream = service.events(requests)
+        stream = service.events(requests, "messages" if chat else "prompt")
         # Wait for the first token before answering, so that a refusal (capacity, a failed prefill)
         # is still a proper HTTP error and not a broken stream.
         try:
-            first = await anext(stream)
-        except StopAsyncIteration:  # pragma: no cover - every request yields at least one event
-            first = None
-        except (ApiError, RequestCancelled):
+            first = await next_event(stream)
+        except BaseException:
+            await stream.aclose()
             raise
-        except LpipesError as exc:
-            raise ApiError(500, f"generation failed: {exc}", kind="server_error") from None
         m.prompt_tokens.inc(prompt_tokens)
 
         if not req.stream:
-            ev: TokenEvent | None = first
-            try:
+
+            async def collect() -> None:
+                ev: TokenEvent | None = first
                 while ev is not None:
                     observe(ev)
                     c = choices[index[ev.request_id]]
@@ -410,9 +493,23 @@ def build_app(service: Service) -> Starlette:
                     c.finish = ev.finish_reason or c.finish
                     if want_lp:
                         c.logprobs.append(ev)
-                    ev = await anext(stream, None)
+                    ev = await next_event(stream)
+
+            # Starlette does not notice a client that goes away while a handler runs: watch for it,
+            # so that its requests are cancelled and their KV blocks freed.
+            work = asyncio.ensure_future(collect())
+            gone = asyncio.ensure_future(disconnected(request))
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                gone.cancel()
+                if not work.done():
+                    work.cancel()
+                await asyncio.gather(work, gone, return_exceptions=True)
                 await stream.aclose()
+            if work.cancelled():
+                return Response(status_code=499)  # nobody is listening any more
+            work.result()  # re-raises a generation error as its HTTP error
             out = []
             for i, c in enumerate(choices):
                 content = "".join(c.text)
@@ -482,9 +579,9 @@ def build_app(service: Service) -> Starlette:
                         offsets[i] += len(_token_text(tok, ev.token)) if want_lp else 0
                     yield chunk([item])
                     try:
-                        ev = await anext(stream, None)
-                    except LpipesError as exc:
-                        err = _error_body(f"generation failed: {exc}", "server_error")
+                        ev = await next_event(stream)
+                    except ApiError as exc:
+                        err = _error_body(exc.message, exc.kind, exc.param, exc.code)
                         yield b"data: " + orjson.dumps(err) + b"\n\n"
                         break
                 if include_usage:
@@ -507,6 +604,9 @@ def build_app(service: Service) -> Starlette:
                 response = _error(_busy(exc))
             except LpipesError as exc:
                 response = _error(ApiError(400, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - never a bare 500 page
+                log.exception("unexpected error in %s", endpoint_name)
+                response = _error(ApiError(500, f"internal error: {exc}", kind="server_error"))
             m.requests.labels(endpoint_name, str(response.status_code)).inc()
             return response
 
@@ -533,6 +633,12 @@ def build_app(service: Service) -> Starlette:
 
     async def chat(request: Request) -> Response:
         req: ChatRequest = await parse(request, ChatRequest)
+        if req.tool_choice not in (None, "none", "auto"):
+            raise ApiError(
+                400,
+                "tool_choice: only 'none' and 'auto' are supported (tool calls are not forced or parsed)",
+                param="tool_choice",
+            )
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
         try:
@@ -544,7 +650,7 @@ def build_app(service: Service) -> Starlette:
                 400, f"cannot render the chat template for these messages: {exc}", param="messages"
             ) from None
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return await respond(req, [ids], chat=True, logprobs=logprobs)
+        return await respond(request, req, [ids], chat=True, logprobs=logprobs)
 
     async def completions(request: Request) -> Response:
         req: CompletionRequest = await parse(request, CompletionRequest)
@@ -563,7 +669,7 @@ def build_app(service: Service) -> Starlette:
             prompts = [list(p)]  # type: ignore[arg-type]
         if len(prompts) * req.n > MAX_N * 4:
             raise ApiError(400, f"at most {MAX_N * 4} completions per request", param="prompt")
-        return await respond(req, prompts, chat=False, logprobs=req.logprobs)
+        return await respond(request, req, prompts, chat=False, logprobs=req.logprobs)
 
     async def models(request: Request) -> Response:
         return JSONResponse(

@@ -376,7 +376,7 @@ class ChatSession:
         *,
         system: str | None = None,
         temperature: float = 0.7,
-        max_tokens: int = 512,
+        max_tokens: int | None = None,
         seed: int | None = None,
     ) -> None:
         self.client = client
@@ -397,8 +397,9 @@ class ChatSession:
             "model": self.model,
             "messages": messages,
             "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
         }
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
         if self.seed is not None:
             body["seed"] = self.seed
         return body
@@ -561,7 +562,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message opening the chat")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     p.add_argument(
-        "--max-tokens", type=_positive_int, default=512, help="tokens per reply at most (default 512)"
+        "--max-tokens",
+        type=_positive_int,
+        default=None,
+        help="tokens per reply at most (default: the server's, i.e. up to the end of the context)",
     )
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible replies)")
     p.add_argument(

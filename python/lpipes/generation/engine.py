@@ -48,6 +48,10 @@ class EngineBusyError(LpipesError, RuntimeError):
         self.retry_after_s = retry_after_s
 
 
+class RequestTooLargeError(LpipesError, ValueError):
+    """More sequences in one submission than the engine can ever hold (batch plus queue)."""
+
+
 class RequestCancelled(LpipesError):
     """Delivered to a request's callback when it was cancelled before finishing."""
 
@@ -139,6 +143,12 @@ class Engine:
             ids = [r.request_id for r in requests]
             if len(set(ids)) != len(ids) or self._known.intersection(ids):
                 raise ValueError("request ids must be unique")
+            if len(requests) > self.max_batch_size + self.max_queued:
+                raise RequestTooLargeError(
+                    f"{len(requests)} sequences in one request, but this server holds at most "
+                    f"{self.max_batch_size + self.max_queued} (max_batch_size + max_queued_requests); "
+                    "lower n or send fewer prompts"
+                )
             free_slots = self.max_batch_size - len(self._running)
             if len(self._waiting) + len(requests) - max(free_slots, 0) > self.max_queued:
                 raise EngineBusyError(
@@ -170,6 +180,8 @@ class Engine:
         if running:
             self.generator.end_session(e.rid, missing_ok=True)
         self._known.discard(e.rid)
+        self.stats.active = len(self._running)
+        self.stats.queued = len(self._waiting)
         if outcome is not None:
             e.callback(outcome)
 
@@ -260,4 +272,4 @@ class Engine:
                     e.callback(event)
 
 
-__all__ = ["Callback", "Engine", "EngineBusyError", "EngineStats", "RequestCancelled"]
+__all__ = ["Callback", "Engine", "EngineBusyError", "EngineStats", "RequestCancelled", "RequestTooLargeError"]
