@@ -106,4 +106,5 @@ PYBIND11_MODULE(_C, m) {
   lpipes::bind_kernels(m);
   lpipes::bind_kvcache(m);
   lpipes::bind_runtime(m);
+  lpipes::bind_wire(m);
 }

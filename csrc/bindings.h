@@ -21,5 +21,6 @@ isa_t parse_isa(const std::string& name);
 void bind_kernels(pybind11::module_& m);
 void bind_kvcache(pybind11::module_& m);
 void bind_runtime(pybind11::module_& m);
+void bind_wire(pybind11::module_& m);
 
 }  // namespace lpipes
