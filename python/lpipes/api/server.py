@@ -228,7 +228,10 @@ class Service:
                 logprobs=logprobs,
             )
         except SamplingParamsError as exc:
-            raise ApiError(400, str(exc)) from None
+            field_name = str(exc).split(" ", 1)[0]
+            raise ApiError(
+                400, str(exc), param=field_name if field_name in type(req).model_fields else None
+            ) from None
 
     async def events(
         self, requests: list[GenerationRequest], prompt_param: str = "prompt"
@@ -433,7 +436,7 @@ def build_app(service: Service) -> Starlette:
         except ApiError:
             raise
         except RequestCancelled:
-            raise ApiError(503, "the server is shutting down", kind="service_unavailable") from None
+            raise _busy(EngineBusyError("the server is shutting down", retry_after_s=5)) from None
         except Exception as exc:  # noqa: BLE001 - reported to the client, logged here
             log.exception("generation failed")
             raise ApiError(500, f"generation failed: {exc}", kind="server_error") from None
@@ -474,8 +477,21 @@ def build_app(service: Service) -> Starlette:
         stream = service.events(requests, "messages" if chat else "prompt")
         # Wait for the first token before answering, so that a refusal (capacity, a failed prefill)
         # is still a proper HTTP error and not a broken stream.
+        # A client that leaves while its request waits in the queue or prefills gives up its place.
+        waiting = asyncio.ensure_future(next_event(stream))
+        gone = asyncio.ensure_future(disconnected(request))
         try:
-            first = await next_event(stream)
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not waiting.done():
+                waiting.cancel()
+            await asyncio.gather(waiting, gone, return_exceptions=True)
+        if waiting.cancelled():
+            await stream.aclose()
+            return Response(status_code=499)
+        try:
+            first = waiting.result()
         except BaseException:
             await stream.aclose()
             raise

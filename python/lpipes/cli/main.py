@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         help="serve a model from a node configuration over the OpenAI-compatible API",
         description="Load the model of a node.toml (one node holding the end model and all layers) and serve "
-        "/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics (Prometheus) and /lpipes/status "
-        "on [api].listen, with continuous batching. See docs/api.md and docs/configuration.md.",
+        "/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics (Prometheus) and "
+        "/lpipes/status on [api].listen, with continuous batching (docs/api.md, docs/configuration.md).",
     )
     serve.add_argument(
         "--config", required=True, help="the node's TOML configuration (see docs/configuration.md)"
