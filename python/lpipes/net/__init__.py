@@ -1,0 +1,1 @@
+"""Peer transport: QUIC connections (TLS 1.3), frame streams and the network-key handshake."""

@@ -1,0 +1,395 @@
+"""QUIC transport between peers: authenticated connections carrying frames on streams.
+
+One connection per peer pair, reused; a stream per conversation (a session hop, a control
+exchange). On a stream, frames flow back to back (``docs/wire-format.md``); the receiver validates
+each header before it allocates the frame's buffer. :class:`PeerServer` answers the frames it
+receives with a handler; :class:`PeerConnection` is the client side. Every read has a timeout;
+writes wait for QUIC flow control (``drain``), so a slow reader slows the writer instead of growing
+queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lpipes.errors import LpipesError
+from lpipes.net import _quic
+from lpipes.net.auth import AuthError, check_nonce, check_proof, new_nonce, proof
+from lpipes.net.tls import NodeCertificate, make_certificate
+from lpipes.wire import (
+    DEFAULT_LIMITS,
+    HEADER_BYTES,
+    Frame,
+    MessageType,
+    WireError,
+    WireLimits,
+    decode,
+    encode,
+    error_frame,
+    frame_length,
+)
+
+log = logging.getLogger(__name__)
+
+ALPN = "lpipes/1"
+DEFAULT_TIMEOUT_S = 30.0
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class TransportError(LpipesError, ConnectionError):
+    """A connection or stream failed: refused, timed out, closed, or the peer replied with an error."""
+
+
+class PeerErrorReply(TransportError):
+    """The peer answered with an ERROR frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"peer error {code}: {message}")
+        self.code = code
+
+
+def quic_configuration(*, is_client: bool, cert: NodeCertificate | None = None) -> Any:
+    """QUIC settings tuned for tensor frames on a LAN (see bench/transport.py for the measurements)."""
+    cfg = _quic.QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN], **_quic.TUNING)
+    if cert is not None:
+        cfg.load_cert_chain(str(cert.cert_file), str(cert.key_file))
+    if is_client:
+        cfg.verify_mode = ssl.CERT_NONE  # peers are authenticated by the network key, bound to the cert
+    return cfg
+
+
+# ------------------------------------------------------------------------------------ framing
+async def read_frame(
+    reader: asyncio.StreamReader,
+    limits: WireLimits = DEFAULT_LIMITS,
+    timeout: float | None = DEFAULT_TIMEOUT_S,
+) -> Frame | None:
+    """The next frame of a stream, or None at a clean end of stream.
+
+    Raises:
+        WireError: a malformed frame (or a stream that ends inside one).
+        TimeoutError: nothing complete arrived within ``timeout`` seconds.
+    """
+    async with asyncio.timeout(timeout):
+        try:
+            header = await reader.readexactly(HEADER_BYTES)
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                return None
+            raise WireError(f"frame: stream ended inside a header ({len(exc.partial)} bytes)") from None
+        n = frame_length(header, limits)  # validated before anything is allocated
+        buf = bytearray(header)
+        try:
+            buf += await reader.readexactly(n - HEADER_BYTES)
+        except asyncio.IncompleteReadError as exc:
+            raise WireError(
+                f"frame: stream ended after {HEADER_BYTES + len(exc.partial)} of {n} bytes"
+            ) from None
+    return decode(buf, limits)
+
+
+async def write_frame(
+    writer: asyncio.StreamWriter, frame: Frame, limits: WireLimits = DEFAULT_LIMITS
+) -> None:
+    """Write a frame (its tensors' own memory, part by part) and wait for flow control."""
+    for part in encode(frame, limits):
+        writer.write(part)
+    await writer.drain()
+
+
+def _raise_if_error(frame: Frame) -> Frame:
+    if frame.type == MessageType.ERROR:
+        raise PeerErrorReply(str(frame.meta.get("code", "error")), str(frame.meta.get("message", "")))
+    return frame
+
+
+# ------------------------------------------------------------------------------------- server
+Handler = Callable[[Frame, "PeerContext"], Awaitable[Frame | None]]
+
+
+@dataclass
+class PeerContext:
+    """What a handler knows about the connection a frame came from."""
+
+    peer_node_id: str
+    address: tuple[str, int] | None
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Conn:
+    authenticated: asyncio.Event = field(default_factory=asyncio.Event)
+    ctx: PeerContext | None = None
+    handshake_started: bool = False
+
+
+class PeerServer:
+    """Accepts QUIC connections, authenticates them and answers frames with ``handler``.
+
+    The handler is called once per received frame (after the handshake); what it returns is written
+    back on the same stream. A malformed frame is answered with ``ERROR`` (code ``bad_frame``) and the
+    stream is closed; the server keeps serving every other stream and connection.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        handler: Handler,
+        *,
+        key: bytes | None = None,
+        limits: WireLimits = DEFAULT_LIMITS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        idle_timeout_s: float = 300.0,
+    ) -> None:
+        self.node_id = node_id
+        self.handler = handler
+        self.key = key
+        self.limits = limits
+        self.timeout_s = timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.cert = make_certificate(node_id)
+        self._server: Any = None
+        self._conns: dict[int, _Conn] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self.address: tuple[str, int] | None = None
+        self.refused = 0  # connections dropped for failing authentication
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        cfg = quic_configuration(is_client=False, cert=self.cert)
+        cfg.idle_timeout = self.idle_timeout_s
+        self._server = await _quic.serve(host, port, configuration=cfg, stream_handler=self._on_stream)
+        sock = self._server._transport.get_extra_info("socket")
+        self.address = sock.getsockname()[:2]
+        if self.key is None:
+            log.warning(
+                "node %s: open network (no key_file): any peer that can reach %s may join",
+                self.node_id,
+                self.address,
+            )
+        return self.address
+
+    async def close(self) -> None:
+        """Stop listening, close every connection and finish every stream task."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(self._serve_stream(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_task_error)
+
+    async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        protocol = writer.transport.protocol  # type: ignore[attr-defined]
+        conn = self._conns.setdefault(id(protocol), _Conn())
+        try:
+            if not conn.authenticated.is_set():
+                if conn.handshake_started:  # a second stream while the first authenticates
+                    await asyncio.wait_for(conn.authenticated.wait(), HANDSHAKE_TIMEOUT_S)
+                else:
+                    conn.handshake_started = True
+                    handshake = self._handshake(reader, writer, protocol, conn)
+                    await asyncio.wait_for(handshake, HANDSHAKE_TIMEOUT_S)
+            assert conn.ctx is not None
+            while True:
+                try:
+                    frame = await read_frame(reader, self.limits, timeout=self.idle_timeout_s)
+                except WireError as exc:
+                    log.info("bad frame from %s: %s", conn.ctx.peer_node_id, exc)
+                    await write_frame(writer, error_frame("bad_frame", str(exc)), self.limits)
+                    break
+                if frame is None:
+                    break
+                try:
+                    reply = await self.handler(frame, conn.ctx)
+                except WireError as exc:  # well-framed but invalid for its type
+                    reply = error_frame("bad_frame", str(exc), **_echo(frame))
+                except LpipesError as exc:
+                    reply = error_frame(type(exc).__name__, str(exc), **_echo(frame))
+                except Exception as exc:  # noqa: BLE001 - the peer gets an answer, the server stays up
+                    log.exception("handler failed on a %s frame", frame.type.name)
+                    reply = error_frame("internal", f"{type(exc).__name__}: {exc}", **_echo(frame))
+                if reply is not None:
+                    await write_frame(writer, reply, self.limits)
+        except (AuthError, TimeoutError) as exc:
+            self.refused += 1
+            log.warning("refusing a peer: %s", exc)
+            with contextlib.suppress(Exception):
+                await write_frame(writer, error_frame("unauthenticated", str(exc)), self.limits)
+            # Close once the ERROR frame had a moment to leave; nothing else is read meanwhile.
+            asyncio.get_running_loop().call_later(0.5, protocol.close)
+            self._conns.pop(id(protocol), None)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.write_eof()
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: Any, conn: _Conn
+    ) -> None:
+        try:
+            hello = await read_frame(reader, self.limits, timeout=None)
+        except WireError as exc:
+            raise AuthError(f"handshake: {exc}") from None
+        if hello is None or hello.type != MessageType.HELLO:
+            raise AuthError("handshake: the first frame must be HELLO")
+        peer_id = hello.meta.get("node_id")
+        if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 64:
+            raise AuthError("handshake: HELLO needs a node_id")
+        nonce_c = check_nonce(hello.meta.get("nonce"))
+        nonce_s = new_nonce()
+        fp = self.cert.fingerprint
+        mine = proof(self.key, "server", nonce_c, nonce_s, fp)
+        welcome = Frame(MessageType.WELCOME, {"node_id": self.node_id, "nonce": nonce_s, "proof": mine})
+        await write_frame(writer, welcome, self.limits)
+        try:
+            final = await read_frame(reader, self.limits, timeout=None)
+        except WireError as exc:
+            raise AuthError(f"handshake: {exc}") from None
+        if final is None or final.type != MessageType.HELLO or final.meta.get("nonce") != nonce_c:
+            raise AuthError("handshake: expected the client's proof")
+        check_proof(self.key, final.meta.get("proof"), "client", nonce_s, nonce_c, fp)
+        await write_frame(writer, Frame(MessageType.WELCOME, {"ok": True}), self.limits)
+        paths = protocol._quic._network_paths
+        addr = tuple(paths[0].addr[:2]) if paths else None
+        conn.ctx = PeerContext(peer_id, addr)
+        conn.authenticated.set()
+
+
+def _echo(frame: Frame) -> dict[str, Any]:
+    return {k: frame.meta[k] for k in ("session", "step") if k in frame.meta}
+
+
+def _log_task_error(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stream task failed", exc_info=task.exception())
+
+
+# ------------------------------------------------------------------------------------- client
+class FrameStream:
+    """One bidirectional stream of a connection: send frames, read replies in order."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limits: WireLimits, timeout_s: float
+    ):
+        self.reader, self.writer, self.limits, self.timeout_s = reader, writer, limits, timeout_s
+        self._lock = asyncio.Lock()
+
+    async def send(self, frame: Frame) -> None:
+        await write_frame(self.writer, frame, self.limits)
+
+    async def receive(self, timeout: float | None = None) -> Frame:
+        try:
+            frame = await read_frame(self.reader, self.limits, timeout=timeout or self.timeout_s)
+        except TimeoutError:
+            raise TransportError(f"no reply within {timeout or self.timeout_s:.0f} s") from None
+        if frame is None:
+            raise TransportError("the peer closed the stream")
+        return frame
+
+    async def request(self, frame: Frame, timeout: float | None = None) -> Frame:
+        """Send a frame and return the reply (an ERROR reply raises :class:`PeerErrorReply`)."""
+        async with self._lock:
+            await self.send(frame)
+            return _raise_if_error(await self.receive(timeout))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.write_eof()
+
+
+class PeerConnection:
+    """An authenticated QUIC connection to one peer."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.AsyncExitStack()
+        self.protocol: Any = None
+        self.peer_node_id = ""
+        self.limits = DEFAULT_LIMITS
+        self.timeout_s = DEFAULT_TIMEOUT_S
+
+    @classmethod
+    async def open(
+        cls,
+        host: str,
+        port: int,
+        *,
+        node_id: str,
+        key: bytes | None = None,
+        limits: WireLimits = DEFAULT_LIMITS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> PeerConnection:
+        """Connect and run the handshake; raises :class:`TransportError` or :class:`AuthError`."""
+        self = cls()
+        self.limits, self.timeout_s = limits, timeout_s
+        try:
+            await asyncio.wait_for(self._connect(host, port, node_id, key), HANDSHAKE_TIMEOUT_S)
+        except TimeoutError:
+            await self.close()
+            raise TransportError(
+                f"cannot reach a peer at {host}:{port} (no handshake within {HANDSHAKE_TIMEOUT_S:.0f} s)"
+            ) from None
+        except PeerErrorReply as exc:
+            await self.close()
+            raise AuthError(f"{host}:{port} refused this node: {exc}") from None
+        except TransportError as exc:
+            await self.close()
+            raise AuthError(
+                f"{host}:{port} ended the handshake ({exc}); does this node use the network's key?"
+            ) from None
+        except AuthError:
+            await self.close()
+            raise
+        except OSError as exc:
+            await self.close()
+            raise TransportError(f"cannot connect to {host}:{port}: {exc}") from None
+        return self
+
+    async def _connect(self, host: str, port: int, node_id: str, key: bytes | None) -> None:
+        self.protocol = await self._stack.enter_async_context(
+            _quic.connect(host, port, configuration=quic_configuration(is_client=True), wait_connected=True)
+        )
+        stream = await self.open_stream()
+        try:
+            nonce_c = new_nonce()
+            welcome = await stream.request(Frame(MessageType.HELLO, {"node_id": node_id, "nonce": nonce_c}))
+            if welcome.type != MessageType.WELCOME:
+                raise AuthError("handshake: expected WELCOME")
+            nonce_s = check_nonce(welcome.meta.get("nonce"))
+            fp = _quic.peer_fingerprint(self.protocol)
+            check_proof(key, welcome.meta.get("proof"), "server", nonce_c, nonce_s, fp)
+            mine = proof(key, "client", nonce_s, nonce_c, fp)
+            final = Frame(MessageType.HELLO, {"node_id": node_id, "nonce": nonce_c, "proof": mine})
+            ok = await stream.request(final)
+            if ok.meta.get("ok") is not True:
+                raise AuthError("handshake: the peer did not accept the proof")
+            self.peer_node_id = str(welcome.meta.get("node_id"))
+        finally:
+            stream.close()
+
+    async def open_stream(self) -> FrameStream:
+        reader, writer = await self.protocol.create_stream()
+        return FrameStream(reader, writer, self.limits, self.timeout_s)
+
+    async def request(self, frame: Frame, timeout: float | None = None) -> Frame:
+        """One frame out, one reply back, on a fresh stream."""
+        stream = await self.open_stream()
+        try:
+            return await stream.request(frame, timeout)
+        finally:
+            stream.close()
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._stack.aclose()
