@@ -100,6 +100,12 @@ def server(start_server) -> Served:
     return start_server()
 
 
+@pytest.fixture(scope="session", name="free_port")
+def free_port_fixture() -> Callable[[], int]:
+    """``free_port()``: a TCP port on 127.0.0.1 that nothing listens on right now."""
+    return free_port
+
+
 @pytest.fixture(scope="session")
 def wait_healthy() -> Callable[[subprocess.Popen, str], None]:
     """``wait_healthy(proc, base_url)``: return once /health answers 200; fail if the process exits."""

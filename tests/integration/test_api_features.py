@@ -5,7 +5,6 @@ and a config written by `lpipes init`."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +16,6 @@ import torch
 import transformers
 
 TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client(base: str, key: str = "none") -> openai.OpenAI:
@@ -339,7 +332,7 @@ def test_metrics_and_status(server):
     assert st["stages"][0]["kv_blocks_total"] > 0 and st["requests"]["served"] >= 1
 
 
-def test_config_written_by_init_is_served(start_server, tiny_checkpoint, tmp_path):
+def test_config_written_by_init_is_served(start_server, tiny_checkpoint, tmp_path, free_port):
     path = tiny_checkpoint("qwen3")
     port = free_port()
     cfg = tmp_path / "node.toml"
@@ -372,7 +365,7 @@ def test_config_written_by_init_is_served(start_server, tiny_checkpoint, tmp_pat
     assert reply.usage.completion_tokens >= 1
 
 
-def test_serve_refuses_layers_over_the_memory_budget(tiny_checkpoint, tmp_path):
+def test_serve_refuses_layers_over_the_memory_budget(tiny_checkpoint, tmp_path, free_port):
     cfg = tmp_path / "node.toml"
     cfg.write_text(
         f'node_id = "small"\n[api]\nlisten = "127.0.0.1:{free_port()}"\n'

@@ -12,14 +12,8 @@ import torch
 import transformers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_demo_serves_the_split_model(tmp_path, wait_healthy):
-    port = _free_port()
+def test_demo_serves_the_split_model(tmp_path, wait_healthy, free_port):
+    port = free_port()
     env = {**os.environ, "LPIPES_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "LPIPES_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "lpipes.cli.main", "demo", "--listen", f"127.0.0.1:{port}"],

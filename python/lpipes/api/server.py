@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
@@ -447,6 +447,20 @@ def build_app(service: Service) -> Starlette:
             if message["type"] == "http.disconnect":
                 return
 
+    async def unless_disconnected(request: Request, work: Awaitable[Any]) -> asyncio.Future[Any]:
+        """Run ``work`` until it ends or the client goes away (Starlette does not notice that while a
+        handler runs); returns its finished task, cancelled if the client left."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(disconnected(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, gone, return_exceptions=True)
+        return task
+
     async def respond(
         request: Request, req: _Common, prompts: list[list[int]], chat: bool, logprobs: int | None
     ) -> Response:
@@ -478,19 +492,11 @@ def build_app(service: Service) -> Starlette:
         # Wait for the first token before answering, so that a refusal (capacity, a failed prefill)
         # is still a proper HTTP error and not a broken stream.
         # A client that leaves while its request waits in the queue or prefills gives up its place.
-        waiting = asyncio.ensure_future(next_event(stream))
-        gone = asyncio.ensure_future(disconnected(request))
         try:
-            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not waiting.done():
-                waiting.cancel()
-            await asyncio.gather(waiting, gone, return_exceptions=True)
-        if waiting.cancelled():
-            await stream.aclose()
-            return Response(status_code=499)
-        try:
+            waiting = await unless_disconnected(request, next_event(stream))
+            if waiting.cancelled():
+                await stream.aclose()
+                return Response(status_code=499)
             first = waiting.result()
         except BaseException:
             await stream.aclose()
@@ -511,17 +517,9 @@ def build_app(service: Service) -> Starlette:
                         c.logprobs.append(ev)
                     ev = await next_event(stream)
 
-            # Starlette does not notice a client that goes away while a handler runs: watch for it,
-            # so that its requests are cancelled and their KV blocks freed.
-            work = asyncio.ensure_future(collect())
-            gone = asyncio.ensure_future(disconnected(request))
             try:
-                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+                work = await unless_disconnected(request, collect())
             finally:
-                gone.cancel()
-                if not work.done():
-                    work.cancel()
-                await asyncio.gather(work, gone, return_exceptions=True)
                 await stream.aclose()
             if work.cancelled():
                 return Response(status_code=499)  # nobody is listening any more
