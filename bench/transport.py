@@ -61,6 +61,8 @@ from pathlib import Path
 
 import uvloop
 
+from lpipes.net.tls import make_certificate
+
 HERE = Path(__file__).resolve().parent
 KiB = 1 << 10
 MiB = 1 << 20
@@ -136,7 +138,7 @@ def make_quic_configuration(impl: str, cfg: Config, *, is_client: bool, certdir:
         if hasattr(conf, "verify_hostname"):  # qh3
             conf.verify_hostname = False
     else:
-        conf.load_cert_chain(certdir / "cert.pem", certdir / "key.pem")
+        conf.load_cert_chain(certdir / "node.crt", certdir / "node.key")
     return conf
 
 
@@ -477,34 +479,6 @@ def run_one(impl: str, cfg: Config, certdir: Path, args) -> dict:
 # certificate, machine description, report
 
 
-def make_cert(certdir: Path) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lpipes-bench")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    (certdir / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (certdir / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-
-
 def git_commit() -> str:
     """HEAD's commit read from .git directly (no git subprocess)."""
     try:
@@ -677,7 +651,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory(prefix="lpipes-transport-") as tmp:
         certdir = Path(tmp)
-        make_cert(certdir)
+        make_certificate("bench", certdir)  # the same kind of certificate peers use
         for n, (impl, cfg) in enumerate(plan):
             label = f"{impl}/{cfg.name}"
             print(f"running {label} ...", file=sys.stderr, flush=True)
