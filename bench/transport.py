@@ -1,5 +1,7 @@
 """Transport benchmark for peer-to-peer hidden-state traffic: aioquic vs qh3 (QUIC) vs plain TCP.
 
+lpipes ships qh3 (``lpipes.net._quic``); the ``lpipes`` configuration measures exactly what ships.
+
 Runs a server in a child process and the client in this process, each on its own uvloop event loop,
 over 127.0.0.1, and measures for every (implementation, configuration):
 
@@ -26,7 +28,11 @@ QUIC configurations, applied to both ends:
 * ``jumbo16k``: as ``tuned`` but max_datagram_size 16384 (the largest aioquic can use, see below);
 * ``jumbo``: as ``tuned`` but max_datagram_size 65527 (loopback MTU is 65536; the client's dual-stack
   socket sends IPv4, whose UDP payloads stop at 65507: qh3's path-MTU probing settles there). Skipped
-  for aioquic, which writes STREAM frame lengths as 2-byte varints and so breaks above ~16 KiB.
+  for aioquic, which writes STREAM frame lengths as 2-byte varints and so breaks above ~16 KiB;
+* ``lpipes`` (qh3 only): the product's own code on both ends: ``transport.quic_configuration()``
+  (``_quic.TUNING``: max_datagram_size 1452, the real-network choice, see ``_quic``), ``_quic.serve``
+  (batched UDP server, socket buffers) and ``_quic.connect``, and ``_quic.drain`` after every write, as
+  ``transport.write_frame`` does (including the round-trip phases). The ALPN is the product's.
 
 The TLS certificate is a throw-away self-signed ECDSA P-256 one and the client does not verify it;
 the product authenticates peers by other means. Prints a table with ratios against the TCP baseline
@@ -34,6 +40,7 @@ the product authenticates peers by other means. Prints a table with ratios again
 
     python bench/transport.py                          # aioquic, qh3, tcp; all configurations
     python bench/transport.py --impl qh3,tcp --quick
+    python bench/transport.py --impl qh3,tcp --configs lpipes,tuned-fastpath --quick
     python bench/transport.py --configs default,jumbo --json /tmp/t.json
 """
 
@@ -61,7 +68,9 @@ from pathlib import Path
 
 import uvloop
 
-from lpipes.net.tls import make_certificate
+from lpipes.net import _quic
+from lpipes.net.tls import NodeCertificate, make_certificate
+from lpipes.net.transport import quic_configuration
 
 HERE = Path(__file__).resolve().parent
 KiB = 1 << 10
@@ -92,6 +101,7 @@ class Config:
     sockbuf: int | None = None  # SO_RCVBUF / SO_SNDBUF on the UDP socket, both ends
     unsupported: dict = field(default_factory=dict)  # impl -> why this configuration is skipped
     fastpath_server: bool = False  # qh3 only: serve on qh3's batched UDP transport (see qh3_fastpath_serve)
+    product: bool = False  # lpipes.net's own configuration, serve, connect and drain (quic/sockbuf: recorded)
 
 
 WINDOWS = {"max_data": 64 * MiB, "max_stream_data": 32 * MiB}
@@ -116,6 +126,13 @@ CONFIGS = {
             "with FRAME_ENCODING_ERROR ('Failed to parse frame, frame_type: 14')"
         },
     ),
+    "lpipes": Config(
+        "lpipes",
+        quic=dict(_quic.TUNING),
+        sockbuf=_quic.SOCKET_BUFFER_BYTES,
+        product=True,
+        unsupported={"aioquic": "lpipes ships qh3: lpipes.net._quic"},
+    ),
 }
 
 
@@ -131,6 +148,9 @@ def quic_modules(impl: str):
 
 
 def make_quic_configuration(impl: str, cfg: Config, *, is_client: bool, certdir: Path | None = None):
+    if cfg.product:
+        cert = None if is_client else NodeCertificate(certdir / "node.crt", certdir / "node.key", b"")
+        return quic_configuration(is_client=is_client, cert=cert)
     _, _, QuicConfiguration = quic_modules(impl)
     conf = QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN], idle_timeout=60.0, **cfg.quic)
     if is_client:
@@ -172,7 +192,8 @@ def write_frame(
 
 async def drain(writer: asyncio.StreamWriter) -> None:
     """Back-pressure for TCP. The QUIC stream writers buffer without limit (qh3's cannot even drain:
-    its StreamWriter has no protocol); QUIC flow control bounds what is in flight instead."""
+    its StreamWriter has no protocol); QUIC flow control bounds what is in flight instead. The ``lpipes``
+    configuration uses the product's ``_quic.drain`` instead."""
     if writer.get_extra_info("socket") is not None:  # the QUIC stream adapters have no socket
         await writer.drain()
 
@@ -214,7 +235,7 @@ def proc_cpu_seconds(pid: int) -> float | None:
 pull_bodies: dict[int, bytes] = {}
 
 
-async def handle_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def handle_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, drain=drain) -> None:
     """Serve frames until the peer ends the stream, then end ours."""
     try:
         while True:
@@ -295,11 +316,14 @@ async def serve_main(args) -> None:
         bufs = set_sockbuf(sock, None)
     else:
         _, serve, _ = quic_modules(args.serve)
+        stream_drain = drain
         if cfg.fastpath_server:
             serve = qh3_fastpath_serve()
+        if cfg.product:
+            serve, stream_drain = _quic.serve, _quic.drain
 
         def on_stream(reader, writer):
-            task = asyncio.ensure_future(handle_stream(reader, writer))
+            task = asyncio.ensure_future(handle_stream(reader, writer, stream_drain))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -307,7 +331,7 @@ async def serve_main(args) -> None:
         server = await serve("127.0.0.1", 0, configuration=conf, stream_handler=on_stream)
         sock = server._transport.get_extra_info("socket")
         port = sock.getsockname()[1]
-        bufs = set_sockbuf(sock, cfg.sockbuf)
+        bufs = set_sockbuf(sock, None if cfg.product else cfg.sockbuf)  # _quic.serve set its own
     print(json.dumps({"port": port, "sockbuf": bufs}), flush=True)
     await asyncio.sleep(args.lifetime)  # the parent kills us long before this
     print("server lifetime exceeded", file=sys.stderr, flush=True)
@@ -350,12 +374,15 @@ def stop_server(proc: subprocess.Popen) -> None:
 # TCP baseline); their callers bound the whole phase instead.
 
 
-async def measure_rtt(reader, writer, n: int, warmup: int) -> dict:
+async def measure_rtt(reader, writer, n: int, warmup: int, write_drain=None) -> dict:
+    """write_drain: awaited after each write (the product drains after every frame)."""
     body = os.urandom(RTT_BODY)
     times = []
     for i in range(warmup + n):
         t0 = time.perf_counter_ns()
         write_frame(writer, OP_ECHO, i, body)
+        if write_drain is not None:
+            await write_drain(writer)
         payload = await read_frame(reader)
         dt = time.perf_counter_ns() - t0
         check_reply(payload, OP_ECHO, i, RTT_BODY)
@@ -365,13 +392,15 @@ async def measure_rtt(reader, writer, n: int, warmup: int) -> dict:
     return {"n": n, "median_us": statistics.median(times), "p99_us": percentile(times, 0.99)}
 
 
-async def measure_rtt_stream_per_msg(protocol, n: int, warmup: int) -> dict:
+async def measure_rtt_stream_per_msg(protocol, n: int, warmup: int, write_drain=None) -> dict:
     body = os.urandom(RTT_BODY)
     times = []
     for i in range(warmup + n):
         t0 = time.perf_counter_ns()
         reader, writer = await protocol.create_stream()
         write_frame(writer, OP_ECHO, i, body)
+        if write_drain is not None:
+            await write_drain(writer)
         writer.write_eof()
         payload = await read_frame(reader)
         dt = time.perf_counter_ns() - t0
@@ -382,7 +411,7 @@ async def measure_rtt_stream_per_msg(protocol, n: int, warmup: int) -> dict:
     return {"n": n, "median_us": statistics.median(times), "p99_us": percentile(times, 0.99)}
 
 
-async def measure_bulk(reader, writer, server_pid: int, args, *, upload: bool) -> dict:
+async def measure_bulk(reader, writer, server_pid: int, args, *, upload: bool, drain=drain) -> dict:
     """upload: the client sends the 4 MiB frames and the server acks them; else the client sends
     64-byte requests and the server replies with 4 MiB frames."""
     body = os.urandom(BULK_BODY) if upload else b""
@@ -422,22 +451,28 @@ async def measure_bulk(reader, writer, server_pid: int, args, *, upload: bool) -
 
 async def quic_client(impl: str, cfg: Config, port: int, server_pid: int, args) -> dict:
     connect, _, _ = quic_modules(impl)
+    write_drain, bulk_drain = None, drain
+    if cfg.product:
+        connect, write_drain, bulk_drain = _quic.connect, _quic.drain, _quic.drain
     conf = make_quic_configuration(impl, cfg, is_client=True)
     out: dict = {}
     t0 = time.perf_counter()
     async with connect("127.0.0.1", port, configuration=conf) as protocol:
         out["handshake_ms"] = (time.perf_counter() - t0) * 1e3
         sock = protocol._transport.get_extra_info("socket")
-        out["client_sockbuf"] = set_sockbuf(sock, cfg.sockbuf)
+        out["client_sockbuf"] = set_sockbuf(sock, None if cfg.product else cfg.sockbuf)
         reader, writer = await protocol.create_stream()
         out["rtt"] = await asyncio.wait_for(
-            measure_rtt(reader, writer, args.rtt_n, args.rtt_warmup), args.phase_timeout
+            measure_rtt(reader, writer, args.rtt_n, args.rtt_warmup, write_drain), args.phase_timeout
         )
         out["rtt_stream_per_msg"] = await asyncio.wait_for(
-            measure_rtt_stream_per_msg(protocol, args.stream_n, args.stream_warmup), args.phase_timeout
+            measure_rtt_stream_per_msg(protocol, args.stream_n, args.stream_warmup, write_drain),
+            args.phase_timeout,
         )
-        out["bulk"] = await measure_bulk(reader, writer, server_pid, args, upload=True)
-        out["bulk_down"] = await measure_bulk(reader, writer, server_pid, args, upload=False)
+        out["bulk"] = await measure_bulk(reader, writer, server_pid, args, upload=True, drain=bulk_drain)
+        out["bulk_down"] = await measure_bulk(
+            reader, writer, server_pid, args, upload=False, drain=bulk_drain
+        )
         writer.write_eof()
     return out
 
