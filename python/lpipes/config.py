@@ -62,6 +62,11 @@ class NetworkConfig(_Strict):
     listen: str = "127.0.0.1:5000"  # QUIC peer address this node listens on
     bootstrap: list[str] = []  # peers to join; empty: this node starts a network
     key_file: Path | None = None  # pre-shared network key; None: open network (logged)
+    gossip_interval_s: Annotated[float, Field(ge=0.05, le=60)] = 1.0  # peer-record exchange period
+    peer_timeout_s: Annotated[float, Field(ge=0.5, le=3600)] = 10.0  # a silent peer is dropped after this
+    session_timeout_s: Annotated[float, Field(ge=1, le=86400)] = 600.0  # idle sessions' KV is freed after
+    step_timeout_s: Annotated[float, Field(ge=1, le=3600)] = 300.0  # longest one step may take on a route
+    join_timeout_s: Annotated[float, Field(ge=0, le=600)] = 10.0  # how long to wait for a bootstrap peer
 
     @field_validator("listen")
     @classmethod
@@ -98,6 +103,7 @@ class ModelConfig(_Strict):
     executor: Literal["auto", "native", "reference"] = "auto"  # layer executor
     max_memory_gb: Annotated[float, Field(gt=0)] = 2.0  # weights budget for this node's layers
     kv_cache_gb: Annotated[float, Field(gt=0)] = 0.5  # paged KV pool
+    keep_first_span: bool = False  # origin: never send raw embeddings; run layers from 0 here
 
     @field_validator("layers")
     @classmethod
@@ -112,6 +118,14 @@ class ModelConfig(_Strict):
     def _source(self) -> ModelConfig:
         if self.id is None and self.path is None:
             raise ValueError("a model needs `path` (a local directory) or `id` (a Hugging Face hub id)")
+        return self
+
+    @model_validator(mode="after")
+    def _first_span(self) -> ModelConfig:
+        if self.keep_first_span and not self.end_model:
+            raise ValueError("keep_first_span applies to the origin (end_model = true) only")
+        if self.keep_first_span and self.span is not None and self.span[0] != 0:
+            raise ValueError(f"keep_first_span needs layers starting at 0, got {list(self.span)}")
         return self
 
     @property
@@ -169,7 +183,9 @@ def load_config(path: str | Path) -> NodeConfig:
         return None if p is None or p.is_absolute() else base / p
 
     models = [m.model_copy(update={"path": resolve(m.path) or m.path}) for m in config.models]
-    network = config.network.model_copy(
-        update={"key_file": resolve(config.network.key_file) or config.network.key_file}
-    )
-    return config.model_copy(update={"models": models, "network": network})
+    update: dict[str, Any] = {"models": models}
+    if "network" in config.model_fields_set:  # kept unset when absent: serve and status tell them apart
+        update["network"] = config.network.model_copy(
+            update={"key_file": resolve(config.network.key_file) or config.network.key_file}
+        )
+    return config.model_copy(update=update)

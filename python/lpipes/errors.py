@@ -40,3 +40,20 @@ class SessionError(LpipesError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
         return str(self.args[0]) if self.args else ""
+
+
+class NetworkError(LpipesError, ConnectionError):
+    """The peer network cannot run a step right now (the API answers 503: retry later)."""
+
+
+class NoRouteError(NetworkError):
+    """No chain of live peers covers the layers a request needs."""
+
+
+class RouteFailedError(NetworkError):
+    """A hop of the route failed during a step; the peer is marked and the step can be replayed on a
+    new route (the engine does so from each session's token history)."""
+
+    def __init__(self, message: str, node_id: str | None = None) -> None:
+        super().__init__(message)
+        self.node_id = node_id

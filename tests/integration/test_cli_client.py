@@ -211,12 +211,13 @@ def test_status_404_says_not_an_lpipes_node():
             client.status()
 
 
-def test_status_config_without_api_table(tmp_path):
+def test_status_config_of_a_node_that_is_not_running(tmp_path, free_port):
+    # A layer peer (no [api]) is asked over the peer network; nothing answers there.
     cfg = tmp_path / "node.toml"
-    cfg.write_text('node_id = "a"\n[[models]]\npath = "m"\n')
+    cfg.write_text(f'node_id = "a"\n[network]\nlisten = "127.0.0.1:{free_port()}"\n[[models]]\npath = "m"\n')
     res = _cli("status", "--config", str(cfg))
     assert res.returncode == 2
-    assert "no [api] table" in res.stderr and res.stdout == ""
+    assert "no node answers on 127.0.0.1:" in res.stderr and res.stdout == ""
 
 
 # ------------------------------------------------------------------------------------- chat (server)

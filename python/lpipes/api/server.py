@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from lpipes import __version__
 from lpipes.api.metrics import Metrics
-from lpipes.errors import ContextLengthError, LpipesError
+from lpipes.errors import ContextLengthError, LpipesError, NetworkError
 from lpipes.generation.engine import Engine, EngineBusyError, RequestCancelled, RequestTooLargeError
 from lpipes.generation.loop import GenerationRequest, TokenEvent
 from lpipes.generation.sampling import SamplingParams, SamplingParamsError
@@ -437,6 +437,14 @@ def build_app(service: Service) -> Starlette:
             raise
         except RequestCancelled:
             raise _busy(EngineBusyError("the server is shutting down", retry_after_s=5)) from None
+        except NetworkError as exc:
+            raise ApiError(
+                503,
+                f"the peer network cannot serve this request: {exc}",
+                kind="service_unavailable",
+                code="peer_network_unavailable",
+                headers={"Retry-After": "5"},
+            ) from None
         except Exception as exc:  # noqa: BLE001 - reported to the client, logged here
             log.exception("generation failed")
             raise ApiError(500, f"generation failed: {exc}", kind="server_error") from None

@@ -527,8 +527,8 @@ def run_status(args: argparse.Namespace) -> int:
         from lpipes.config import load_config
 
         cfg = load_config(args.config)
-        if cfg.api is None:
-            raise LpipesError(f"{args.config}: no [api] table, so this node serves no status; pass --url")
+        if "network" in cfg.model_fields_set or cfg.api is None:
+            return _run_network_status(cfg, args.json)
         url = url_from_listen(cfg.api.listen)
     else:
         url = args.url or DEFAULT_URL
@@ -541,6 +541,17 @@ def run_status(args: argparse.Namespace) -> int:
     renderable = status_table(data, url=base)
     # Piped output has no terminal width; 120 columns keeps the tables from wrapping cells.
     Console(highlight=False, width=None if sys.stdout.isatty() else 120).print(renderable)
+    return 0
+
+
+def _run_network_status(cfg: Any, as_json: bool) -> int:
+    from lpipes.cli.netstatus import network_table, query_network
+
+    data = query_network(cfg)
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        return 0
+    Console(highlight=False, width=None if sys.stdout.isatty() else 120).print(network_table(data))
     return 0
 
 
@@ -579,17 +590,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "status",
-        help="a node's model, layer span and KV usage",
+        help="a node's model, layer span and KV usage; with --config, every peer of its network",
         description="Show what a running node serves: its model, the layers it holds, KV-cache usage "
-        "per stage and request counts (GET /lpipes/status).",
+        "per stage and request counts (GET /lpipes/status). With --config on a node that has a "
+        "[network] table (or no [api]), ask the node over the peer network instead: every peer it "
+        "knows (node id, address, layers, KV blocks, last seen) and how many peers hold each layer.",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", default=None, help=f"the node's API address (default {DEFAULT_URL})")
     where.add_argument(
-        "--config", default=None, metavar="NODE_TOML", help="take the address from this file's [api].listen"
+        "--config",
+        default=None,
+        metavar="NODE_TOML",
+        help="the node of this file: its peer network ([network].listen, key_file) or its [api].listen",
     )
     p.add_argument(
         "--api-key", default=None, help=f"Bearer token for the API (default: ${API_KEY_ENV} if set)"
     )
-    p.add_argument("--json", action="store_true", help="print the raw JSON reply instead of tables")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON instead of tables (with --config on a network node: per peer node_id, "
+        "address, model, layers, kv_blocks_used, kv_blocks_total, last_seen)",
+    )
     p.set_defaults(handler=run_status)

@@ -189,46 +189,9 @@ def _executor_names(generator: Any) -> list[str]:
 
 
 def _serve(config_path: str) -> int:
-    from lpipes.api.server import NodeInfo
-    from lpipes.config import load_config
-    from lpipes.models.checkpoint import open_checkpoint
-    from lpipes.runtime.local import build_local_generator, resolve_dtype, weight_bytes
+    from lpipes.cli.serve import serve
 
-    cfg = load_config(config_path)
-    if cfg.api is None:
-        raise LpipesError(f"{config_path}: no [api] table: this node would serve nothing")
-    if len(cfg.models) != 1 or not cfg.models[0].end_model:
-        raise LpipesError(f"{config_path}: serve runs one [[models]] entry with end_model = true for now")
-    m = cfg.models[0]
-    ckpt = open_checkpoint(m.source)
-    if m.span is not None and m.span != (0, ckpt.num_layers):
-        raise LpipesError(
-            f"{config_path}: layers {list(m.span)} do not cover all {ckpt.num_layers} layers; "
-            "a node serving alone must hold every layer (the peer network comes later)"
-        )
-    dtype = resolve_dtype(ckpt, m.dtype, m.executor)
-    need = weight_bytes(ckpt, 0, ckpt.num_layers, dtype)
-    if need > m.max_memory_gb * (1 << 30):
-        raise LpipesError(
-            f"{config_path}: the {ckpt.num_layers} layers need {need / (1 << 30):.2f} GiB of weights "
-            f"in {dtype}, over max_memory_gb = {m.max_memory_gb}; raise max_memory_gb (or spread the "
-            "layers over peers once the network is available)"
-        )
-    generator = build_local_generator(
-        m.source, dtype=dtype, executor=m.executor, kv_cache_bytes=int(m.kv_cache_gb * (1 << 30))
-    )
-    name = m.id or (m.path.name if m.path else m.source)
-    info = NodeInfo(node_id=cfg.node_id, source=m.source, executors=_executor_names(generator))
-    return _run_server(
-        generator,
-        name,
-        cfg.api.listen,
-        info,
-        api_keys=cfg.api.api_keys,
-        max_batch_size=cfg.api.max_batch_size,
-        max_queued=cfg.api.max_queued_requests,
-        banner=f"serving {name} on http://{cfg.api.listen}/v1 (node {cfg.node_id}; Ctrl-C to stop)",
-    )
+    return serve(config_path)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -30,11 +30,14 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from lpipes.errors import LpipesError
+from lpipes.errors import LpipesError, RouteFailedError
 from lpipes.generation.loop import GenerationRequest, Generator, RequestState, TokenEvent
 from lpipes.runtime.paged import PagedKVCache
 
 log = logging.getLogger(__name__)
+
+#: Consecutive route failures one request survives (each replays it over a new route).
+MAX_FAILOVERS = 3
 
 #: What a request's callback receives: a token event, or the exception that ended the request.
 Callback = Callable[[TokenEvent | BaseException], None]
@@ -62,6 +65,7 @@ class _Entry:
     callback: Callback
     pending: list[int]  # tokens not yet run through the layers
     preempted: int = 0
+    failovers: int = 0
 
     @property
     def rid(self) -> str:
@@ -74,6 +78,7 @@ class EngineStats:
     queued: int = 0
     served: int = 0
     preempted: int = 0
+    failovers: int = 0
     tokens_generated: int = 0
     steps: int = 0
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
@@ -224,6 +229,27 @@ class Engine:
         self.stats.queued = len(self._waiting)
         return list(self._running)
 
+    def _failover(self, batch: list[_Entry], exc: RouteFailedError) -> None:
+        """A hop of the network route failed: end the step's sessions everywhere and queue them
+        first, to be replayed from their token history over a new route. A request that failed over
+        ``MAX_FAILOVERS`` times in a row gets the error."""
+        log.warning("route failed (%s); replaying %d request(s) over a new route", exc, len(batch))
+        self.stats.failovers += 1
+        with self._cv:
+            for e in reversed(batch):
+                if e not in self._running:
+                    continue
+                self._running.remove(e)
+                e.failovers += 1
+                if e.failovers > MAX_FAILOVERS:
+                    self._finish(e, exc, running=True)
+                    continue
+                self.generator.end_session(e.rid, missing_ok=True)
+                e.pending = list(e.state.history)
+                self._waiting.appendleft(e)
+            self.stats.active = len(self._running)
+            self.stats.queued = len(self._waiting)
+
     def _work(self) -> None:
         gen = self.generator
         while True:
@@ -243,6 +269,9 @@ class Engine:
             starts = [len(e.state.history) - len(e.pending) for e in batch]
             try:
                 logits = gen.forward(rids, [e.pending for e in batch], starts, last_only=True)
+            except RouteFailedError as exc:
+                self._failover(batch, exc)
+                continue
             except BaseException as exc:  # noqa: BLE001 - every request of the step gets the error
                 log.exception("a batched step failed; failing its %d requests", len(batch))
                 with self._cv:
@@ -269,6 +298,7 @@ class Engine:
                         self._finish(e, event, running=True)
                 else:
                     e.pending = [event.token]
+                    e.failovers = 0
                     e.callback(event)
 
 

@@ -1,0 +1,298 @@
+"""`lpipes serve --config node.toml`: run one node — alone, as the origin of a network, or as a layer peer.
+
+* An origin (``end_model = true``, with ``[api]``) that holds every layer and has no ``[network]``
+  table serves alone, as before the network existed.
+* Otherwise the node joins the peer network (``[network]``; defaults apply when the table is absent):
+  it listens for peers over QUIC, gossips with its bootstrap peers, takes its span (explicit, or
+  ``"auto"``: the best span for the least-covered layers within ``max_memory_gb``), loads it, and
+  announces itself ready. An origin then serves the API, running its own span (which starts at
+  layer 0) and routing the remaining layers over the network; a layer peer runs its span for the
+  origins that route to it, until SIGINT/SIGTERM.
+
+The API and the network share one uvloop event loop; compute runs on worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from lpipes.config import ModelConfig, NodeConfig, load_config
+from lpipes.errors import LpipesError
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+def _capacity(ckpt: Any, start: int, dtype: Any, budget_bytes: float) -> int:
+    """Most consecutive layers from ``start`` whose weights fit ``budget_bytes``."""
+    from lpipes.runtime.local import weight_bytes
+
+    n, total = 0, 0
+    for i in range(start, ckpt.num_layers):
+        total += weight_bytes(ckpt, i, i + 1, dtype)
+        if total > budget_bytes:
+            break
+        n += 1
+    return n
+
+
+def _check_explicit(path: str, m: ModelConfig, ckpt: Any, dtype: Any) -> tuple[int, int]:
+    from lpipes.runtime.local import weight_bytes
+
+    assert m.span is not None
+    start, end = m.span
+    if end > ckpt.num_layers:
+        raise LpipesError(f"{path}: layers {list(m.span)} exceed the model's {ckpt.num_layers} layers")
+    if m.end_model and start != 0:
+        raise LpipesError(
+            f"{path}: an origin's own layers must start at layer 0 (got {list(m.span)}); "
+            "leave the later layers to layer peers"
+        )
+    need = weight_bytes(ckpt, start, end, dtype)
+    if need > m.max_memory_gb * GiB:
+        raise LpipesError(
+            f"{path}: layers {list(m.span)} need {need / GiB:.2f} GiB of weights in {dtype}, over "
+            f"max_memory_gb = {m.max_memory_gb}; raise max_memory_gb or take fewer layers"
+        )
+    return start, end
+
+
+def serve(config_path: str) -> int:
+    from lpipes.models.checkpoint import open_checkpoint
+    from lpipes.runtime.local import resolve_dtype
+
+    cfg = load_config(config_path)
+    if len(cfg.models) != 1:
+        raise LpipesError(
+            f"{config_path}: a node serves one [[models]] entry for now (got {len(cfg.models)})"
+        )
+    m = cfg.models[0]
+    if m.end_model and cfg.api is None:
+        raise LpipesError(f"{config_path}: an origin (end_model = true) needs an [api] table to serve")
+    if not m.end_model and cfg.api is not None:
+        raise LpipesError(
+            f"{config_path}: [api] needs end_model = true (the tokenizer and head live on the origin)"
+        )
+    ckpt = open_checkpoint(m.source)
+    dtype = resolve_dtype(ckpt, m.dtype, m.executor)
+    L = ckpt.num_layers
+    span: tuple[int, int] | None
+    if m.span is not None:
+        span = _check_explicit(config_path, m, ckpt, dtype)
+    elif m.end_model:
+        span = (0, _capacity(ckpt, 0, dtype, m.max_memory_gb * GiB))
+        if m.keep_first_span and span[1] == 0:
+            raise LpipesError(
+                f"{config_path}: keep_first_span needs at least one layer here, but not one fits "
+                f"max_memory_gb = {m.max_memory_gb}"
+            )
+    else:
+        span = None  # chosen after joining the network
+    networked = "network" in cfg.model_fields_set or not m.end_model or span != (0, L)
+    if not networked:
+        return _serve_alone(config_path, cfg, dtype)
+    return asyncio_run(_serve_networked(config_path, cfg, ckpt, dtype, span))
+
+
+def asyncio_run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:  # pragma: no cover - platforms without uvloop
+        return asyncio.run(coro)
+
+
+def _serve_alone(config_path: str, cfg: NodeConfig, dtype: Any) -> int:
+    from lpipes.api.server import NodeInfo
+    from lpipes.cli.main import _executor_names, _run_server
+    from lpipes.runtime.local import build_local_generator
+
+    m = cfg.models[0]
+    assert cfg.api is not None
+    generator = build_local_generator(
+        m.source, dtype=dtype, executor=m.executor, kv_cache_bytes=int(m.kv_cache_gb * GiB)
+    )
+    name = model_name(m)
+    info = NodeInfo(node_id=cfg.node_id, source=m.source, executors=_executor_names(generator))
+    return _run_server(
+        generator,
+        name,
+        cfg.api.listen,
+        info,
+        api_keys=cfg.api.api_keys,
+        max_batch_size=cfg.api.max_batch_size,
+        max_queued=cfg.api.max_queued_requests,
+        banner=f"serving {name} on http://{cfg.api.listen}/v1 (node {cfg.node_id}; Ctrl-C to stop)",
+    )
+
+
+def model_name(m: ModelConfig) -> str:
+    return m.id or (m.path.name if m.path else m.source)
+
+
+async def _serve_networked(
+    config_path: str, cfg: NodeConfig, ckpt: Any, dtype: Any, span: tuple[int, int] | None
+) -> int:
+    from lpipes.net.auth import load_key
+    from lpipes.node import Node, NodeSettings, model_fingerprint
+    from lpipes.swarm.planning import choose_span
+
+    m = cfg.models[0]
+    net = cfg.network
+    key = load_key(net.key_file) if net.key_file is not None else None
+    dtype_name = str(dtype).removeprefix("torch.")
+    settings = NodeSettings(
+        node_id=cfg.node_id,
+        listen=net.listen,
+        bootstrap=list(net.bootstrap),
+        key=key,
+        model=model_name(m),
+        model_hash=model_fingerprint(ckpt.text_config),
+        num_layers=ckpt.num_layers,
+        hidden_size=int(ckpt.text_config.hidden_size),
+        dtype=dtype_name,
+        end_model=m.end_model,
+        gossip_interval_s=net.gossip_interval_s,
+        peer_timeout_s=net.peer_timeout_s,
+        session_timeout_s=net.session_timeout_s,
+        step_timeout_s=net.step_timeout_s,
+    )
+    node = Node(settings)
+    loop = asyncio.get_running_loop()
+    engine = None
+    try:
+        try:
+            address = await node.start()
+        except OSError as exc:
+            raise LpipesError(
+                f"{config_path}: cannot listen for peers on {net.listen}: {exc.strerror or exc}"
+            ) from None
+        known = await node.join(net.join_timeout_s)
+        if span is None:
+            spans = [p.span for p in node.membership.peers() if p.model_hash == settings.model_hash]
+            # Size the window from layer 0's weights, then shrink it to what fits from its start.
+            cap = _capacity(ckpt, 0, dtype, m.max_memory_gb * GiB)
+            if cap == 0:
+                raise LpipesError(
+                    f"{config_path}: not one layer fits max_memory_gb = {m.max_memory_gb}; raise it"
+                )
+            start, end = choose_span(ckpt.num_layers, cap, spans)
+            span = (start, start + min(end - start, _capacity(ckpt, start, dtype, m.max_memory_gb * GiB)))
+            log.info("layers auto: took [%d, %d) (knew %d peer(s))", *span, known)
+        node.span = span
+        await node.announce()
+        stages = await loop.run_in_executor(None, _load_span, m, span, dtype)
+        if m.end_model:
+            node.local_cache = getattr(stages[0], "cache", None) if stages else None
+        else:
+            node.executor = stages[0]
+        node.ready = True
+        await node.announce()
+        where = f"layers [{span[0]}, {span[1]})" if span[1] > span[0] else "no layers"
+        print(
+            f"node {cfg.node_id}: {where} of {settings.model}, peers on quic://{address}"
+            + ("" if key else " (open network: no key_file)"),
+            file=sys.stderr,
+            flush=True,
+        )
+        if not m.end_model:
+            await _wait_for_signal()
+            return 0
+        engine, server = _origin_server(cfg, ckpt, dtype, stages, node, span)
+        await server.serve()
+        return 0
+    finally:
+        if engine is not None:
+            await loop.run_in_executor(None, engine.close)
+        await node.close()
+
+
+def _load_span(m: ModelConfig, span: tuple[int, int], dtype: Any) -> list[Any]:
+    from lpipes.models.checkpoint import open_checkpoint
+    from lpipes.runtime.local import make_executor
+
+    if span[1] <= span[0]:
+        return []
+    ckpt = open_checkpoint(m.source, layers=span, end_model=False)
+    return [
+        make_executor(ckpt, *span, dtype=dtype, executor=m.executor, kv_cache_bytes=int(m.kv_cache_gb * GiB))
+    ]
+
+
+def _origin_server(
+    cfg: NodeConfig, ckpt: Any, dtype: Any, stages: list[Any], node: Any, span: tuple[int, int]
+) -> tuple[Any, Any]:
+    import uvicorn
+
+    from lpipes.api.server import NodeInfo, Service, build_app
+    from lpipes.generation.engine import Engine
+    from lpipes.generation.loop import Generator
+    from lpipes.models.checkpoint import open_checkpoint
+    from lpipes.models.end_model import EndModel
+    from lpipes.node import RemoteStage
+    from lpipes.runtime.native import NativeExecutor
+
+    m = cfg.models[0]
+    api = cfg.api
+    assert api is not None
+    end_ckpt = open_checkpoint(m.source, end_model=True)
+    native = bool(stages) and all(isinstance(s, NativeExecutor) for s in stages)
+    end_model = EndModel(end_ckpt, dtype=dtype, native_head=native)
+    chain = list(stages)
+    if span[1] < ckpt.num_layers:
+        chain.append(RemoteStage(node, span[1], ckpt.num_layers))
+    generator = Generator(end_model, chain)
+    engine = Engine(generator, max_batch_size=api.max_batch_size, max_queued=api.max_queued_requests)
+    name = model_name(m)
+    info = NodeInfo(node_id=cfg.node_id, source=m.source, executors=_stage_names(generator))
+    app = build_app(Service(engine, name, info=info, api_keys=api.api_keys))
+    host, _, port = api.listen.rpartition(":")
+    try:  # a clear error now rather than uvicorn's log line later
+        with socket.create_server((host, int(port))):
+            pass
+    except OSError as exc:
+        raise LpipesError(
+            f"cannot listen on {api.listen}: {exc.strerror or exc}; choose another address"
+        ) from None
+    if not api.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the API listens on %s without api_keys: anyone who can reach it can use it", host)
+    print(
+        f"serving {name} on http://{api.listen}/v1 (node {cfg.node_id}; Ctrl-C to stop)",
+        file=sys.stderr,
+        flush=True,
+    )
+    config = uvicorn.Config(app, host=host, port=int(port), log_level="warning", timeout_graceful_shutdown=5)
+    return engine, uvicorn.Server(config)
+
+
+def _stage_names(generator: Any) -> list[str]:
+    from lpipes.node import RemoteStage
+    from lpipes.runtime.native import NativeExecutor
+
+    return [
+        "network"
+        if isinstance(s, RemoteStage)
+        else "native"
+        if isinstance(s, NativeExecutor)
+        else "reference"
+        for s in generator.stages
+    ]
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)

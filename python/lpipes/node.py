@@ -1,0 +1,721 @@
+"""A node of the peer network: its QUIC server, membership, hosted span and — on the origin — routes.
+
+Every ``lpipes serve`` process with a network runs one :class:`Node` on its event loop:
+
+* a :class:`~lpipes.net.transport.PeerServer` answering frames (``PING``, ``GOSSIP``, ``FORWARD``,
+  ``RESULT``, ``END_SESSION``, ``ERROR``);
+* gossip: every ``gossip_interval_s`` it exchanges peer records with its bootstrap peers and up to
+  three random known peers (:class:`~lpipes.swarm.Membership` drops nodes that stop refreshing);
+* on a layer peer, the span executor, run on one compute thread (sessions' KV in its paged cache,
+  idle sessions expire after ``session_timeout_s``);
+* on the origin, :class:`RemoteStage`: the generation loop's stage for the layers other nodes run.
+
+A step travels the route: the origin sends ``FORWARD`` to the first hop; each hop runs its span and
+forwards the result to the next hop named in the route; the last hop sends ``RESULT`` to the origin
+(``reply_to``). A hop that fails reports ``ERROR`` to the origin. While a step is outstanding for
+longer than ``HEARTBEAT_S``, the origin pings every hop; a hop that does not answer within
+``PING_TIMEOUT_S`` (or an error report, or ``step_timeout_s``) fails the step: the peer is marked,
+and the engine replays the affected sessions over a new route (see :class:`RouteFailedError`).
+
+Layer peers see hidden states, positions and opaque session ids only — never token ids, text or
+logits; ``FORWARD`` metadata is validated against a closed schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import orjson
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from lpipes.errors import LpipesError, NoRouteError, RouteFailedError, SessionError
+from lpipes.net.transport import FrameStream, PeerConnection, PeerContext, PeerServer, TransportError
+from lpipes.runtime.reference import SequenceInput
+from lpipes.swarm.membership import Membership
+from lpipes.swarm.planning import Hop, plan_route
+from lpipes.swarm.records import NODE_ID_PATTERN, PeerRecord, sign_record
+from lpipes.wire import DEFAULT_LIMITS, Frame, MessageType, WireError, WireLimits, check_tensor, error_frame
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5  # a step outstanding this long starts liveness pings of its hops
+PING_TIMEOUT_S = 1.5  # a hop that does not answer a ping within this fails the step
+SWEEP_S = 5.0  # how often idle sessions are looked for
+TRACE_ENV = "LPIPES_TRACE_FRAMES"  # a file path: every received frame's summary is appended as JSON
+
+
+class PeerStepError(LpipesError, RuntimeError):
+    """This node cannot run a step it was sent (wrong span, still loading); reported to the origin."""
+
+
+def model_fingerprint(config: Any) -> str:
+    """A short hash of a model's text config: nodes with different models never chain."""
+    d = dict(config.to_dict())
+    for k in ("transformers_version", "_name_or_path", "torch_dtype", "dtype", "architectures"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------ frame schemas
+_SessionId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+_NodeId = Annotated[str, Field(min_length=1, max_length=64, pattern=NODE_ID_PATTERN)]
+
+
+class _HopModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    node_id: _NodeId
+    address: Annotated[str, Field(min_length=3, max_length=262)]
+    start: Annotated[int, Field(ge=0)]
+    end: Annotated[int, Field(ge=1)]
+
+
+class ForwardMeta(BaseModel):
+    """The metadata of a ``FORWARD`` frame (closed: any other key is refused)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    step: Annotated[int, Field(ge=0)]
+    origin: _NodeId
+    reply_to: Annotated[str, Field(min_length=3, max_length=262)]
+    sessions: Annotated[list[_SessionId], Field(min_length=1, max_length=1024)]
+    lens: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=1024)]
+    route: Annotated[list[_HopModel], Field(min_length=1, max_length=64)]
+
+
+class ResultMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    step: Annotated[int, Field(ge=0)]
+    sessions: Annotated[list[_SessionId], Field(min_length=1, max_length=1024)]
+    lens: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=1024)]
+
+
+class EndMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    origin: _NodeId
+    sessions: Annotated[list[_SessionId], Field(min_length=1, max_length=1024)]
+
+
+def _parse(model: type[BaseModel], frame: Frame) -> Any:
+    try:
+        return model.model_validate(frame.meta)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "metadata"
+        raise WireError(f"{frame.type.name}: {where}: {first['msg']}") from None
+
+
+def _address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+# ------------------------------------------------------------------------------------ links
+@dataclass
+class _Link:
+    conn: PeerConnection
+    push: FrameStream  # one long-lived stream for one-way frames (FORWARD, RESULT, END_SESSION)
+    reader: asyncio.Task | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class _Pending:
+    future: asyncio.Future
+    route: list[Hop]
+
+
+@dataclass
+class NodeSettings:
+    node_id: str
+    listen: str
+    bootstrap: Sequence[str] = ()
+    key: bytes | None = None
+    model: str = ""
+    model_hash: str = ""
+    num_layers: int = 1
+    hidden_size: int = 1
+    dtype: str = "float16"
+    end_model: bool = False
+    gossip_interval_s: float = 1.0
+    peer_timeout_s: float = 10.0
+    session_timeout_s: float = 600.0
+    step_timeout_s: float = 300.0
+    limits: WireLimits = DEFAULT_LIMITS
+
+
+class Node:
+    """One node of the network (see the module docs). Create, then ``await start()`` on its loop."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.s = settings
+        self.membership = Membership(settings.node_id, settings.key, peer_timeout_s=settings.peer_timeout_s)
+        self.server = PeerServer(settings.node_id, self._handle, key=settings.key, limits=settings.limits)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.address = settings.listen
+        self.span: tuple[int, int] = (0, 0)
+        self.ready = False
+        self.executor: Any = None  # a layer peer's span executor (run on the compute thread)
+        self.local_cache: Any = None  # the origin's own span's KV cache (its engine runs that span)
+        self.compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lpipes-compute")
+        self.ms_per_layer = 0.0
+        # Versions start at the clock (ms) so a restarted node's records beat its old ones everywhere.
+        self._version = itertools.count(int(time.time() * 1000))
+        self._links: dict[str, _Link] = {}
+        self._link_locks: dict[str, asyncio.Lock] = {}
+        self._rtt_ms: dict[str, float] = {}
+        self._pending: dict[int, _Pending] = {}
+        self._steps = itertools.count(1)
+        self._sessions: dict[str, float] = {}  # "origin/session" -> last used (monotonic)
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+        self._trace = os.environ.get(TRACE_ENV)
+        self._trace_lock = threading.Lock()
+        self.frames_received: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> str:
+        """Listen and start gossiping; returns the bound address ``HOST:PORT``."""
+        self.loop = asyncio.get_running_loop()
+        host, port = _address(self.s.listen)
+        bound = await self.server.start(host, port)
+        self.address = f"{host}:{bound[1]}"
+        self._spawn(self._gossip_loop())
+        self._spawn(self._sweep_loop())
+        return self.address
+
+    async def join(self, wait_s: float = 5.0) -> int:
+        """Gossip with the bootstrap peers until one answered (or ``wait_s`` passed); returns how many
+        peers are known then. A node without bootstrap peers starts a network and returns at once."""
+        targets = [a for a in self.s.bootstrap if a != self.address]
+        if not targets:
+            return 0
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            results = await asyncio.gather(*(self._exchange(a) for a in targets), return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    log.debug("bootstrap exchange failed: %r", r)
+            if any(r is True for r in results):
+                # A second round learns what the bootstrap peers learnt from the others meanwhile.
+                await asyncio.gather(
+                    *(self._exchange(r.address) for r in self.membership.peers()), return_exceptions=True
+                )
+                return len(self.membership.peers())
+            await asyncio.sleep(0.2)
+        log.warning("node %s: no bootstrap peer answered within %.0f s (%s)", self.s.node_id, wait_s, targets)
+        return len(self.membership.peers())
+
+    async def announce(self) -> None:
+        """Send this node's record to every known peer and bootstrap peer now (not at the next round)."""
+        targets = {a for a in self.s.bootstrap if a != self.address} | {
+            r.address for r in self.membership.peers()
+        }
+        await asyncio.gather(*(self._exchange(a) for a in targets), return_exceptions=True)
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(RouteFailedError("the node is shutting down"))
+        for link in list(self._links.values()):
+            await self._drop_link(link)
+        await self.server.close()
+        self.compute.shutdown(wait=False, cancel_futures=True)
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------- records
+    def kv_blocks(self) -> tuple[int, int]:
+        cache = getattr(self.executor, "cache", None) or self.local_cache
+        if cache is None or not hasattr(cache, "blocks_total"):
+            return (0, 0)
+        return int(cache.blocks_used), int(cache.blocks_total)
+
+    def own_record(self) -> PeerRecord:
+        used, total = self.kv_blocks()
+        rec = PeerRecord(
+            node_id=self.s.node_id,
+            address=self.address,
+            model=self.s.model,
+            model_hash=self.s.model_hash,
+            num_layers=self.s.num_layers,
+            start=self.span[0],
+            end=self.span[1],
+            dtype=self.s.dtype,
+            end_model=self.s.end_model,
+            ready=self.ready,
+            kv_blocks_used=used,
+            kv_blocks_total=total,
+            ms_per_layer=round(self.ms_per_layer, 4),
+            version=next(self._version),
+            issued_at=time.time(),
+        )
+        return sign_record(rec, self.s.key)
+
+    def records(self) -> list[dict[str, Any]]:
+        """This node's fresh record and every live peer's."""
+        return [self.own_record().model_dump()] + [r.model_dump() for r in self.membership.peers()]
+
+    # --------------------------------------------------------------------- links
+    async def _link(self, address: str) -> _Link:
+        link = self._links.get(address)
+        if link is not None:
+            return link
+        lock = self._link_locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            link = self._links.get(address)
+            if link is not None:
+                return link
+            host, port = _address(address)
+            conn = await PeerConnection.open(
+                host, port, node_id=self.s.node_id, key=self.s.key, limits=self.s.limits
+            )
+            push = await conn.open_stream()
+            link = _Link(conn, push)
+            link.reader = self._spawn(self._read_push_replies(address, link))
+            self._links[address] = link
+            return link
+
+    async def _drop_link(self, link: _Link) -> None:
+        for addr, known in list(self._links.items()):
+            if known is link:
+                del self._links[addr]
+        if link.reader is not None:
+            link.reader.cancel()
+        link.push.close()
+        await link.conn.close()
+
+    async def _read_push_replies(self, address: str, link: _Link) -> None:
+        """A push stream gets replies only when the receiver refused a frame; report them."""
+        while not self._closing:
+            try:
+                frame = await link.push.receive(timeout=3600)
+            except (TransportError, WireError):
+                return
+            if frame.type == MessageType.ERROR:
+                log.warning("%s refused a frame: %s", address, frame.meta.get("message"))
+                self._fail_step(frame.meta.get("step"), frame.meta)
+
+    async def send(self, address: str, frame: Frame) -> None:
+        """Write a one-way frame to a node on its link's push stream (opening the link if needed)."""
+        link = await self._link(address)
+        try:
+            async with link.lock:
+                await asyncio.wait_for(link.push.send(frame), self.s.step_timeout_s)
+        except (OSError, TimeoutError, AttributeError) as exc:
+            await self._drop_link(link)
+            raise TransportError(f"cannot send to {address}: {exc}") from None
+
+    async def request(self, address: str, frame: Frame, timeout: float) -> Frame:
+        link = await self._link(address)
+        try:
+            return await link.conn.request(frame, timeout=timeout)
+        except TransportError:
+            await self._drop_link(link)
+            raise
+
+    # -------------------------------------------------------------------- gossip
+    async def _exchange(self, address: str) -> bool:
+        """One gossip exchange; True if the peer answered."""
+        t0 = time.perf_counter()
+        timeout = min(5.0, max(1.0, self.s.peer_timeout_s / 2))
+        try:
+            reply = await asyncio.wait_for(
+                self.request(
+                    address, Frame(MessageType.GOSSIP, {"records": self.records()}), timeout=timeout
+                ),
+                timeout=timeout,
+            )
+        except (TransportError, LpipesError, TimeoutError, OSError) as exc:
+            log.debug("gossip with %s failed: %s", address, exc)
+            return False
+        rtt = (time.perf_counter() - t0) * 1000.0
+        records = reply.meta.get("records")
+        if isinstance(records, list):
+            self.membership.merge(records)
+            if records and isinstance(records[0], dict) and isinstance(records[0].get("node_id"), str):
+                nid = records[0]["node_id"]
+                old = self._rtt_ms.get(nid)
+                self._rtt_ms[nid] = rtt if old is None else 0.8 * old + 0.2 * rtt
+        return True
+
+    async def _gossip_loop(self) -> None:
+        # Exchanges run as their own tasks: a dead peer's timeout never delays the next round (which
+        # would let live peers' records go stale). One exchange per address at a time.
+        inflight: set[str] = set()
+
+        async def tracked(address: str) -> None:
+            try:
+                await self._exchange(address)
+            finally:
+                inflight.discard(address)
+
+        while True:
+            await asyncio.sleep(self.s.gossip_interval_s)
+            peers = [r.address for r in self.membership.peers()]
+            targets = {a for a in self.s.bootstrap if a != self.address}
+            targets.update(random.sample(peers, min(3, len(peers))))
+            for address in targets - inflight:
+                inflight.add(address)
+                self._spawn(tracked(address))
+            for gone in self.membership.expire():
+                self._rtt_ms.pop(gone, None)
+
+    def link_ms(self, node_id: str) -> float | None:
+        rtt = self._rtt_ms.get(node_id)
+        return None if rtt is None else rtt / 2
+
+    # ------------------------------------------------------------------ handlers
+    def _trace_frame(self, frame: Frame, ctx: PeerContext) -> None:
+        self.frames_received[frame.type.name] = self.frames_received.get(frame.type.name, 0) + 1
+        if not self._trace:
+            return
+        entry = {
+            "node": self.s.node_id,
+            "from": ctx.peer_node_id,
+            "type": frame.type.name,
+            "meta": frame.meta,
+            "tensors": {
+                n: [str(t.dtype).removeprefix("torch."), list(t.shape)] for n, t in frame.tensors.items()
+            },
+        }
+        if frame.type == MessageType.FORWARD and "positions" in frame.tensors:
+            entry["positions"] = frame.tensors["positions"].tolist()
+        with self._trace_lock, open(self._trace, "ab") as f:
+            f.write(orjson.dumps(entry, default=str) + b"\n")
+
+    async def _handle(self, frame: Frame, ctx: PeerContext) -> Frame | None:
+        self._trace_frame(frame, ctx)
+        t = frame.type
+        if t == MessageType.PING:
+            return Frame(MessageType.PONG, {"node_id": self.s.node_id})
+        if t == MessageType.GOSSIP:
+            records = frame.meta.get("records", [])
+            if not isinstance(records, list) or len(records) > 4096:
+                raise WireError("GOSSIP: records must be a list of at most 4096 peer records")
+            self.membership.merge(records)
+            seen = {r.node_id: self.membership.last_seen(r.node_id) for r in self.membership.peers()}
+            return Frame(MessageType.GOSSIP, {"records": self.records(), "last_seen_s": seen})
+        if t == MessageType.FORWARD:
+            await self._on_forward(frame, ctx)
+            return None
+        if t == MessageType.RESULT:
+            self._on_result(frame)
+            return None
+        if t == MessageType.END_SESSION:
+            await self._on_end(frame, ctx)
+            return None
+        if t == MessageType.ERROR:
+            self._fail_step(frame.meta.get("step"), frame.meta)
+            return None
+        raise WireError(f"unexpected {t.name} frame")
+
+    # ---------------------------------------------------------------- layer peer
+    def _check_forward(
+        self, frame: Frame
+    ) -> tuple[ForwardMeta, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        meta = _parse(ForwardMeta, frame)
+        extra = set(frame.tensors) - {"hidden", "positions", "per_layer"}
+        if extra:
+            raise WireError(f"FORWARD: unexpected tensors {sorted(extra)}")
+        if len(meta.lens) != len(meta.sessions) or len(set(meta.sessions)) != len(meta.sessions):
+            raise WireError("FORWARD: sessions must be unique and match lens one to one")
+        total = sum(meta.lens)
+        hidden = check_tensor(
+            frame,
+            "hidden",
+            dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            shape=(total, self.s.hidden_size),
+        )
+        positions = check_tensor(frame, "positions", dtypes=(torch.int64,), shape=(total,))
+        per_layer = None
+        if "per_layer" in frame.tensors:
+            per_layer = check_tensor(
+                frame,
+                "per_layer",
+                dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                shape=(total, None, None),
+            )
+        return meta, hidden, positions, per_layer
+
+    async def _on_forward(self, frame: Frame, ctx: PeerContext) -> None:
+        meta, hidden, positions, per_layer = self._check_forward(frame)
+        hop = meta.route[0]
+        try:
+            if hop.node_id != self.s.node_id or (hop.start, hop.end) != self.span:
+                raise PeerStepError(
+                    f"node {self.s.node_id} runs layers [{self.span[0]}, {self.span[1]}), "
+                    f"but the route asked it for {hop.node_id} [{hop.start}, {hop.end})"
+                )
+            if self.executor is None or not self.ready:
+                raise PeerStepError(f"node {self.s.node_id} is not ready (still loading its layers)")
+            n_here = hop.end - hop.start
+            if per_layer is not None and per_layer.shape[1] < n_here:
+                raise WireError("FORWARD: per_layer covers fewer layers than this hop runs")
+            keys = [f"{meta.origin}.{sid}" for sid in meta.sessions]
+            inputs = []
+            off = 0
+            for key, n in zip(keys, meta.lens):
+                ple = None if per_layer is None else per_layer[off : off + n, :n_here]
+                inputs.append(SequenceInput(key, hidden[off : off + n], positions[off : off + n], ple))
+                off += n
+            now = time.monotonic()
+            for key in keys:
+                self._sessions[key] = now
+            out = await asyncio.get_running_loop().run_in_executor(self.compute, self._run_span, inputs)
+        except (LpipesError, ValueError, RuntimeError) as exc:
+            code = "bad_frame" if isinstance(exc, WireError) else type(exc).__name__
+            await self._report(meta, code, str(exc))
+            return
+        if len(meta.route) > 1:
+            nxt = meta.route[1]
+            tensors = {"hidden": out, "positions": positions}
+            if per_layer is not None:
+                tensors["per_layer"] = per_layer[:, hop.end - hop.start :].contiguous()
+            fwd = Frame(
+                MessageType.FORWARD,
+                {**meta.model_dump(), "route": [h.model_dump() for h in meta.route[1:]]},
+                tensors,
+            )
+            try:
+                await self.send(nxt.address, fwd)
+            except (TransportError, LpipesError) as exc:
+                await self._report(
+                    meta, "hop_failed", f"{nxt.node_id} unreachable: {exc}", failed=nxt.node_id
+                )
+        else:
+            res = Frame(
+                MessageType.RESULT,
+                {"step": meta.step, "sessions": meta.sessions, "lens": meta.lens},
+                {"hidden": out},
+            )
+            try:
+                await self.send(meta.reply_to, res)
+            except (TransportError, LpipesError) as exc:
+                log.warning("cannot return step %d to origin %s: %s", meta.step, meta.origin, exc)
+
+    def _run_span(self, inputs: list[SequenceInput]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        outs = self.executor.forward(inputs)
+        dt = time.perf_counter() - t0
+        tokens = sum(x.hidden.shape[0] for x in inputs)
+        if tokens <= 16:  # decode-sized steps: what routing cares about
+            n = max(1, self.span[1] - self.span[0])
+            ms = dt * 1000.0 / n
+            self.ms_per_layer = ms if self.ms_per_layer == 0 else 0.9 * self.ms_per_layer + 0.1 * ms
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    async def _report(self, meta: ForwardMeta, code: str, message: str, **extra: Any) -> None:
+        log.info("step %d failed here: %s", meta.step, message)
+        err = error_frame(code, message, step=meta.step, node_id=self.s.node_id, **extra)
+        with contextlib.suppress(TransportError, LpipesError):
+            await self.send(meta.reply_to, err)
+
+    async def _on_end(self, frame: Frame, ctx: PeerContext) -> None:
+        meta = _parse(EndMeta, frame)
+        keys = [f"{meta.origin}.{sid}" for sid in meta.sessions]
+        for key in keys:
+            self._sessions.pop(key, None)
+        if self.executor is not None:
+            await asyncio.get_running_loop().run_in_executor(self.compute, self._end_sessions, keys)
+
+    def _end_sessions(self, keys: list[str]) -> None:
+        for key in keys:
+            with contextlib.suppress(SessionError):
+                self.executor.end_session(key)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(SWEEP_S, self.s.session_timeout_s))
+            now = time.monotonic()
+            idle = [k for k, t in self._sessions.items() if now - t > self.s.session_timeout_s]
+            for k in idle:
+                del self._sessions[k]
+            if idle and self.executor is not None:
+                log.info("ending %d idle session(s)", len(idle))
+                await asyncio.get_running_loop().run_in_executor(self.compute, self._end_sessions, idle)
+
+    # -------------------------------------------------------------------- origin
+    def _on_result(self, frame: Frame) -> None:
+        meta = _parse(ResultMeta, frame)
+        p = self._pending.get(meta.step)
+        if p is None or p.future.done():
+            return  # a step that already failed over
+        hidden = check_tensor(
+            frame,
+            "hidden",
+            dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            shape=(sum(meta.lens), self.s.hidden_size),
+        )
+        p.future.set_result((meta, hidden))
+
+    def _fail_step(self, step: Any, meta: dict[str, Any]) -> None:
+        p = self._pending.get(step) if isinstance(step, int) else None
+        if p is None or p.future.done():
+            return
+        code = str(meta.get("code", "error"))
+        message = str(meta.get("message", ""))
+        failed = meta.get("failed") if code == "hop_failed" else meta.get("node_id")
+        node = failed if isinstance(failed, str) else None
+        # Any hop failure reroutes (the next route may not have the problem); MAX_FAILOVERS bounds it.
+        p.future.set_exception(
+            RouteFailedError(f"{node or 'a peer'} failed the step ({code}): {message}", node)
+        )
+
+    async def run_step(
+        self, route: list[Hop], sessions: list[str], lens: list[int], tensors: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Send one step along ``route`` and wait for the last hop's result (see the module docs)."""
+        step = next(self._steps)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[step] = _Pending(fut, route)
+        meta = {
+            "step": step,
+            "origin": self.s.node_id,
+            "reply_to": self.address,
+            "sessions": sessions,
+            "lens": lens,
+            "route": [h.to_json() for h in route],
+        }
+        try:
+            try:
+                await self.send(route[0].address, Frame(MessageType.FORWARD, meta, tensors))
+            except (TransportError, LpipesError, OSError) as exc:
+                raise RouteFailedError(
+                    f"hop {route[0].node_id} unreachable: {exc}", route[0].node_id
+                ) from None
+            t0 = time.monotonic()
+            while True:
+                done, _ = await asyncio.wait({fut}, timeout=HEARTBEAT_S)
+                if done:
+                    break
+                await self._check_hops(route)
+                if time.monotonic() - t0 > self.s.step_timeout_s:
+                    raise RouteFailedError(f"no result within step_timeout_s = {self.s.step_timeout_s:g} s")
+            _meta, hidden = fut.result()
+            return hidden
+        except RouteFailedError as exc:
+            if exc.node_id is not None:
+                self.membership.mark(exc.node_id, str(exc))
+            raise
+        finally:
+            self._pending.pop(step, None)
+
+    async def _check_hops(self, route: list[Hop]) -> None:
+        async def ping(h: Hop) -> None:
+            try:
+                reply = await asyncio.wait_for(
+                    self.request(h.address, Frame(MessageType.PING), timeout=PING_TIMEOUT_S), PING_TIMEOUT_S
+                )
+            except (TransportError, LpipesError, TimeoutError, OSError) as exc:
+                why = str(exc) or f"no answer to a ping within {PING_TIMEOUT_S:g} s"
+                raise RouteFailedError(
+                    f"hop {h.node_id} ({h.address}) stopped answering: {why}", h.node_id
+                ) from None
+            if reply.type != MessageType.PONG:
+                raise RouteFailedError(f"hop {h.node_id} answered a ping with {reply.type.name}", h.node_id)
+
+        results = await asyncio.gather(*(ping(h) for h in route), return_exceptions=True)
+        for r in results:
+            if isinstance(r, RouteFailedError):
+                raise r
+
+    async def end_sessions(self, route: list[Hop], sessions: list[str]) -> None:
+        frame = Frame(MessageType.END_SESSION, {"origin": self.s.node_id, "sessions": sessions})
+        for h in route:
+            with contextlib.suppress(TransportError, LpipesError, OSError, TimeoutError):
+                await asyncio.wait_for(self.send(h.address, frame), 5.0)
+
+
+class RemoteStage:
+    """The origin's stage for layers ``[start, end)`` run by other nodes (the generation loop's
+    :class:`~lpipes.generation.loop.Stage`). Called from the engine thread; the network work runs on
+    the node's event loop.
+
+    The route is kept while it works (every session's KV lives on its hops); when a hop fails the
+    route is dropped and :class:`RouteFailedError` tells the engine to replay its sessions, which
+    then travel the next cheapest route.
+    """
+
+    def __init__(self, node: Node, start: int, end: int) -> None:
+        self.node = node
+        self.start = start
+        self.end = end
+        self.route: list[Hop] | None = None
+        self._sessions: dict[str, list[Hop]] = {}
+        self._lock = threading.Lock()
+
+    def plan(self) -> list[Hop]:
+        peers = [p for p in self.node.membership.routable(self.node.s.model_hash) if not p.end_model]
+        return plan_route(self.start, self.end, peers, link_ms=self.node.link_ms)
+
+    def _current_route(self) -> list[Hop]:
+        with self._lock:
+            if self.route is not None:
+                m = self.node.membership
+                gone = [h.node_id for h in self.route if m.get(h.node_id) is None or m.is_marked(h.node_id)]
+                if not gone:
+                    return self.route
+                self.route = None
+                if self._sessions:
+                    raise RouteFailedError(f"peer {gone[0]} left the network", None)
+            self.route = self.plan()
+            log.info(
+                "route for layers [%d, %d): %s",
+                self.start,
+                self.end,
+                " → ".join(f"{h.node_id}[{h.start},{h.end})" for h in self.route),
+            )
+            return self.route
+
+    def forward(self, inputs: Sequence[SequenceInput]) -> list[torch.Tensor]:
+        loop = self.node.loop
+        if loop is None:
+            raise NoRouteError("the node's network is not running")
+        route = self._current_route()
+        lens = [int(x.hidden.shape[0]) for x in inputs]
+        sessions = [x.session_id for x in inputs]
+        tensors = {
+            "hidden": torch.cat([x.hidden for x in inputs]).contiguous(),
+            "positions": torch.cat([x.positions for x in inputs]).to(torch.int64).contiguous(),
+        }
+        if inputs[0].per_layer is not None:
+            tensors["per_layer"] = torch.cat([x.per_layer for x in inputs]).contiguous()
+        for sid in sessions:
+            self._sessions[sid] = route
+        fut = asyncio.run_coroutine_threadsafe(self.node.run_step(route, sessions, lens, tensors), loop)
+        try:
+            hidden = fut.result()
+        except RouteFailedError:
+            with self._lock:
+                self.route = None
+            raise
+        dtype = inputs[0].hidden.dtype
+        return [h.to(dtype) for h in hidden.split(lens)]
+
+    def end_session(self, session_id: str) -> None:
+        route = self._sessions.pop(session_id, None)
+        loop = self.node.loop
+        if route is None or loop is None or loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.node.end_sessions(route, [session_id]), loop)

@@ -1,0 +1,139 @@
+"""Layer assignment and routing over peer records (pure functions).
+
+Assignment (``layers = "auto"``): a node that can hold ``n`` layers takes the window of ``n``
+consecutive layers that best covers the least-served layers — each layer scores
+``1 / (1 + coverage)²``, so one uncovered layer outweighs any number of doubly covered ones —
+starting at a *boundary* (0, or where a known span ends or starts) so that the spans of a network
+chain up. Ties go to the lowest start.
+
+Routing: the cheapest chain of whole spans from layer ``start`` to ``end``, where a span costs its
+measured compute time (``ms_per_layer`` × its layers; an unmeasured node is assumed as slow as the
+slowest measured one) plus one link latency per hop. Dijkstra over layer boundaries; ties go to the
+chain with fewer hops, then the lowest node ids, so equal networks route identically.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from lpipes.errors import NoRouteError
+from lpipes.swarm.records import PeerRecord
+
+DEFAULT_MS_PER_LAYER = 1.0  # assumed compute per layer when no node has measured its own yet
+DEFAULT_LINK_MS = 0.5  # assumed one-way latency of a link not measured yet
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One step of a route: the node and the layers it runs."""
+
+    node_id: str
+    address: str
+    start: int
+    end: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"node_id": self.node_id, "address": self.address, "start": self.start, "end": self.end}
+
+
+def coverage(num_layers: int, spans: Sequence[tuple[int, int]]) -> list[int]:
+    """How many spans hold each layer."""
+    cov = [0] * num_layers
+    for start, end in spans:
+        for i in range(max(start, 0), min(end, num_layers)):
+            cov[i] += 1
+    return cov
+
+
+def choose_span(
+    num_layers: int, capacity: int, spans: Sequence[tuple[int, int]], *, first: bool = False
+) -> tuple[int, int]:
+    """The span a node that can hold ``capacity`` layers should take (see the module docs).
+
+    Args:
+        num_layers: layers of the model.
+        capacity: most layers the node can hold (its memory budget); at least 1.
+        spans: the spans other nodes of the model already hold (or are loading).
+        first: the span must start at layer 0 (an origin keeping the first span).
+    """
+    if capacity < 1:
+        raise ValueError(f"capacity must be at least 1 layer, got {capacity}")
+    n = min(capacity, num_layers)
+    if first:
+        return (0, n)
+    cov = coverage(num_layers, spans)
+    boundaries = {0} | {e for _, e in spans if e < num_layers} | {s for s, _ in spans}
+    best: tuple[float, int] | None = None
+    for s in sorted(boundaries):
+        if s >= num_layers:
+            continue
+        e = min(s + n, num_layers)
+        score = sum(1.0 / (1 + cov[i]) ** 2 for i in range(s, e))
+        if best is None or score > best[0] + 1e-12:
+            best = (score, s)
+    assert best is not None
+    s = best[1]
+    return (s, min(s + n, num_layers))
+
+
+def plan_route(
+    start: int,
+    end: int,
+    peers: Sequence[PeerRecord],
+    *,
+    link_ms: Callable[[str], float | None] = lambda _node: None,
+) -> list[Hop]:
+    """The cheapest chain of ``peers``' spans covering layers ``[start, end)`` (see the module docs).
+
+    Args:
+        link_ms: measured one-way latency to a node in ms, or None if unknown.
+
+    Raises:
+        NoRouteError: no chain covers the range; the message names the first layer nobody serves.
+    """
+    if start >= end:
+        return []
+    measured = [p.ms_per_layer for p in peers if p.ms_per_layer > 0]
+    slow = max(measured) if measured else DEFAULT_MS_PER_LAYER
+    by_start: dict[int, list[PeerRecord]] = {}
+    for p in peers:
+        if start <= p.start < p.end <= end:
+            by_start.setdefault(p.start, []).append(p)
+    # (cost, hops, node ids so far, boundary)
+    heap: list[tuple[float, int, tuple[str, ...], int]] = [(0.0, 0, (), start)]
+    best: dict[int, tuple[float, int, tuple[str, ...]]] = {start: (0.0, 0, ())}
+    prev: dict[int, tuple[int, PeerRecord]] = {}
+    while heap:
+        cost, hops, ids, at = heapq.heappop(heap)
+        if best.get(at, (float("inf"),))[:3] < (cost, hops, ids):
+            continue
+        if at == end:
+            break
+        for p in by_start.get(at, ()):
+            link = link_ms(p.node_id)
+            c = (
+                cost
+                + (p.ms_per_layer or slow) * (p.end - p.start)
+                + (DEFAULT_LINK_MS if link is None else link)
+            )
+            key = (c, hops + 1, (*ids, p.node_id))
+            if key < best.get(p.end, (float("inf"), 0, ())):
+                best[p.end] = key
+                prev[p.end] = (at, p)
+                heapq.heappush(heap, (*key, p.end))
+    if end not in best:
+        reach = {start} | set(best)
+        furthest = max(reach)
+        raise NoRouteError(
+            f"no live peer chain covers layers [{start}, {end}): nothing reachable serves layer {furthest} "
+            f"({len(peers)} usable peer(s)); start a peer with those layers or wait for one to join"
+        )
+    route: list[Hop] = []
+    at = end
+    while at != start:
+        frm, p = prev[at]
+        route.append(Hop(p.node_id, p.address, p.start, p.end))
+        at = frm
+    return route[::-1]

@@ -1,0 +1,491 @@
+"""The peer network end to end: real `lpipes serve` processes on 127.0.0.1 talking QUIC.
+
+An origin (end model, API, first span) and layer peers; output compared with transformers' greedy
+output through the OpenAI API; ``auto`` assignment; failover when a layer peer is killed
+mid-stream (with and without a redundant peer); authentication; hostile frames sent to a live peer;
+and the privacy boundary (every frame a layer peer decoded, as its frame trace records it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+import transformers
+
+from lpipes.cli.netstatus import query_network
+from lpipes.config import load_config
+from lpipes.models.tiny import make_tiny_checkpoint
+
+STARTUP_TIMEOUT_S = 120
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CONTEXT = 2048  # room for long streams in the failover tests
+
+
+@dataclass
+class Proc:
+    name: str
+    config: Path
+    proc: subprocess.Popen
+    log: Path
+    trace: Path
+
+
+@dataclass
+class Network:
+    root: Path
+    model: Path
+    key: Path
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def start(
+        self,
+        name: str,
+        *,
+        layers: str,
+        origin: bool = False,
+        bootstrap: str | None = None,
+        key: Path | None = None,
+        extra_model: str = "",
+        wait: bool = True,
+    ) -> Proc:
+        quic = free_port(socket.SOCK_DGRAM)
+        lines = [
+            f'node_id = "{name}"',
+            "[network]",
+            f'listen = "127.0.0.1:{quic}"',
+            f'key_file = "{key or self.key}"',
+            "gossip_interval_s = 0.3",
+            "peer_timeout_s = 3.0",
+            "join_timeout_s = 5.0",
+        ]
+        if bootstrap:
+            lines.append(f'bootstrap = ["{bootstrap}"]')
+        if origin:
+            lines += ["[api]", f'listen = "127.0.0.1:{free_port()}"']
+        lines += [
+            "[[models]]",
+            f'path = "{self.model}"',
+            f"layers = {layers}",
+            'dtype = "float32"',
+            f"end_model = {'true' if origin else 'false'}",
+            extra_model,
+        ]
+        cfg = self.root / f"{name}.toml"
+        cfg.write_text("\n".join(lines) + "\n")
+        log = self.root / f"{name}.log"
+        trace = self.root / f"{name}.frames.jsonl"
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "LPIPES_NUM_THREADS": "1",
+            "LPIPES_TRACE_FRAMES": str(trace),
+        }
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lpipes.cli.main", "-v", "serve", "--config", str(cfg)],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+            )
+        p = Proc(name, cfg, proc, log, trace)
+        self.procs[name] = p
+        if wait:
+            self.wait_ready(p)
+        return p
+
+    def address(self, name: str) -> str:
+        return load_config(self.procs[name].config).network.listen
+
+    def api(self, name: str) -> str:
+        cfg = load_config(self.procs[name].config)
+        assert cfg.api is not None
+        return f"http://{cfg.api.listen}"
+
+    def status(self, name: str) -> dict:
+        return query_network(load_config(self.procs[name].config), timeout=5.0)
+
+    def wait_ready(self, p: Proc) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if p.proc.poll() is not None:
+                pytest.fail(f"{p.name} exited with {p.proc.returncode}:\n{p.log.read_text()[-3000:]}")
+            if b" of " in p.log.read_bytes() and b"peers on quic://" in p.log.read_bytes():
+                if "[api]" not in p.config.read_text():
+                    return
+                try:
+                    import urllib.request
+
+                    with urllib.request.urlopen(self.api(p.name) + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            return
+                except OSError:
+                    pass
+            time.sleep(0.2)
+        pytest.fail(f"{p.name} did not become ready:\n{p.log.read_text()[-3000:]}")
+
+    def wait_coverage(self, name: str, n_peers: int, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        data: dict = {}
+        while time.monotonic() < deadline:
+            data = self.status(name)
+            ready = [p for p in data["peers"] if p["ready"]]
+            if len(ready) >= n_peers and not data["uncovered"]:
+                return data
+            time.sleep(0.2)
+        pytest.fail(f"the network did not cover every layer in time: {data}")
+
+    def kill(self, name: str) -> None:
+        p = self.procs[name]
+        p.proc.send_signal(signal.SIGKILL)
+        p.proc.wait(timeout=30)
+
+    def stop_all(self) -> None:
+        for p in self.procs.values():
+            if p.proc.poll() is None:
+                p.proc.kill()  # by PID, always
+            p.proc.wait(timeout=30)
+
+    def frames(self, name: str) -> list[dict]:
+        path = self.procs[name].trace
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("net-model") / "tiny-qwen3",
+        "qwen3",
+        seed=0,
+        config_overrides={"max_position_embeddings": CONTEXT},
+    )
+
+
+@pytest.fixture(scope="module")
+def hf(model_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    full = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    full.generation_config.eos_token_id = None
+    return tok, full
+
+
+def hf_greedy(hf, prompt: str, n: int) -> tuple[list[int], str]:
+    tok, full = hf
+    ids = tok(prompt)["input_ids"]
+    out = full.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids) :]
+    return out.tolist(), tok.decode(out, skip_special_tokens=True)
+
+
+def new_network(tmp_path_factory, model_dir: Path) -> Network:
+    root = tmp_path_factory.mktemp("net")
+    key = root / "network.key"
+    key.write_text(secrets.token_hex(32) + "\n")
+    return Network(root, model_dir, key)
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+# ------------------------------------------------------------------------- three peers
+@pytest.fixture(scope="module")
+def three(tmp_path_factory, model_dir):
+    net = new_network(tmp_path_factory, model_dir)
+    try:
+        net.start("origin", layers="[0, 2]", origin=True)
+        net.start("peer-a", layers="[2, 4]", bootstrap=net.address("origin"))
+        net.start("peer-b", layers="[4, 6]", bootstrap=net.address("origin"))
+        net.wait_coverage("origin", 3)
+        yield net
+    finally:
+        net.stop_all()
+
+
+def test_three_peers_match_transformers(three, hf):
+    prompt = "The peer network"
+    _tokens, text = hf_greedy(hf, prompt, 16)
+    reply = client(three.api("origin")).completions.create(
+        model="tiny-qwen3", prompt=prompt, temperature=0, max_tokens=16, extra_body={"ignore_eos": True}
+    )
+    assert reply.choices[0].text == text
+    stream = client(three.api("origin")).completions.create(
+        model="tiny-qwen3",
+        prompt=prompt,
+        temperature=0,
+        max_tokens=16,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == text
+
+
+def test_status_json_lists_every_peer(three):
+    data = three.status("peer-a")
+    by_id = {p["node_id"]: p for p in data["peers"]}
+    assert set(by_id) == {"origin", "peer-a", "peer-b"}
+    assert data["coverage"] == [1] * 6 and data["uncovered"] == []
+    for p in by_id.values():
+        for key in (
+            "node_id",
+            "address",
+            "model",
+            "layers",
+            "kv_blocks_used",
+            "kv_blocks_total",
+            "last_seen",
+        ):
+            assert key in p
+        assert p["kv_blocks_total"] > 0 and abs(time.time() - p["last_seen"]) < 10
+    assert by_id["peer-b"]["layers"] == [4, 6] and by_id["origin"]["end_model"]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lpipes.cli.main",
+            "status",
+            "--config",
+            str(three.procs["origin"].config),
+            "--json",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    assert {p["node_id"] for p in json.loads(out.stdout)["peers"]} == {"origin", "peer-a", "peer-b"}
+
+
+def test_layer_peers_never_see_token_ids(three, hf):
+    tok, _ = hf
+    prompt = "secret words go here"
+    ids = tok(prompt)["input_ids"]
+    client(three.api("origin")).completions.create(
+        model="tiny-qwen3", prompt=prompt, temperature=0, max_tokens=4, extra_body={"ignore_eos": True}
+    )
+    allowed_meta = {"step", "origin", "reply_to", "sessions", "lens", "route"}
+    seen_forward = 0
+    for name in ("peer-a", "peer-b"):
+        for f in three.frames(name):
+            assert f["type"] in ("FORWARD", "END_SESSION", "GOSSIP", "PING", "HELLO"), f["type"]
+            if f["type"] != "FORWARD":
+                assert not f["tensors"]
+                continue
+            seen_forward += 1
+            assert set(f["meta"]) == allowed_meta
+            assert set(f["tensors"]) == {"hidden", "positions"}
+            assert f["tensors"]["hidden"][0] == "float32" and f["tensors"]["positions"][0] == "int64"
+            # Positions are 0..n-1 then one per step: never the prompt's token ids.
+            pos = f["positions"]
+            assert pos == list(range(pos[0], pos[0] + len(pos)))
+            assert pos != ids[: len(pos)] or pos == list(range(len(pos)))
+            assert prompt not in json.dumps(f["meta"])
+    assert seen_forward >= 2 * 5
+
+
+def test_hostile_frames_get_errors_and_the_peer_keeps_serving(three, hf):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from lpipes.net.auth import load_key
+    from lpipes.net.transport import PeerConnection, read_frame
+    from lpipes.wire import Frame, MessageType, WireLimits, encode_bytes
+
+    host, _, port = three.address("peer-a").rpartition(":")
+    key = load_key(three.key)
+
+    async def send_raw(conn, data: bytes):
+        stream = await conn.open_stream()
+        stream.writer.write(data)
+        stream.writer.write_eof()
+        try:
+            return await read_frame(stream.reader, timeout=10)
+        except Exception as exc:  # noqa: BLE001
+            return exc
+
+    async def run(blobs: list[bytes]):
+        conn = await PeerConnection.open(host, int(port), node_id="fuzzer", key=key)
+        try:
+            replies = [await send_raw(conn, b) for b in blobs]
+            pong = await conn.request(Frame(MessageType.PING), timeout=10)
+            return replies, pong
+        finally:
+            await conn.close()
+
+    good = encode_bytes(Frame(MessageType.PING, {"x": 1}))
+    oversized = bytearray(good)
+    oversized[24:32] = (1 << 40).to_bytes(8, "little")  # frame_len far over the limit
+    forward_bad_meta = encode_bytes(
+        Frame(
+            MessageType.FORWARD,
+            {"step": 1, "token_ids": [1, 2, 3]},
+            {"hidden": torch.zeros(3, 64), "positions": torch.arange(3)},
+        ),
+        WireLimits(),
+    )
+    blobs = [b"garbage" * 10, bytes(good[:20]), bytes(good[:-3]), bytes(oversized), bytes(forward_bad_meta)]
+    replies, pong = asyncio.run(run(blobs))
+    assert pong.type == MessageType.PONG
+    for blob, reply in zip(blobs, replies):
+        assert isinstance(reply, Frame) and reply.type == MessageType.ERROR, (blob[:40], reply)
+        assert reply.meta["code"] == "bad_frame"
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.binary(min_size=1, max_size=200), min_size=1, max_size=3))
+    def fuzz(blobs):
+        replies, pong = asyncio.run(run(blobs))
+        assert pong.type == MessageType.PONG
+        for r in replies:
+            assert r is None or isinstance(r, (Frame, Exception))
+
+    fuzz()
+    # And it still computes: a generation through it matches transformers.
+    _tokens, text = hf_greedy(hf, "still alive", 6)
+    reply = client(three.api("origin")).completions.create(
+        model="tiny-qwen3", prompt="still alive", temperature=0, max_tokens=6, extra_body={"ignore_eos": True}
+    )
+    assert reply.choices[0].text == text
+
+
+def test_wrong_key_is_refused(three, tmp_path):
+    from lpipes.net.auth import AuthError
+    from lpipes.net.transport import PeerConnection
+
+    host, _, port = three.address("origin").rpartition(":")
+    with pytest.raises(AuthError):
+        asyncio.run(PeerConnection.open(host, int(port), node_id="intruder", key=b"x" * 32))
+    bad_key = tmp_path / "wrong.key"
+    bad_key.write_text(secrets.token_hex(32))
+    intruder = three.start(
+        "intruder", layers="[2, 6]", bootstrap=three.address("origin"), key=bad_key, wait=False
+    )
+    deadline = time.monotonic() + 60
+    while b"peers on quic://" not in intruder.log.read_bytes() and intruder.proc.poll() is None:
+        assert time.monotonic() < deadline, intruder.log.read_text()[-2000:]
+        time.sleep(0.3)
+    time.sleep(1.5)  # several gossip rounds
+    ids = {p["node_id"] for p in three.status("origin")["peers"]}
+    assert "intruder" not in ids
+    three.kill("intruder")
+
+
+# -------------------------------------------------------------------------------- failover
+def _stream_tokens(base: str, prompt: str, n: int):
+    return client(base).completions.create(
+        model="tiny-qwen3",
+        prompt=prompt,
+        temperature=0,
+        max_tokens=n,
+        stream=True,
+        logprobs=0,
+        extra_body={"ignore_eos": True},
+    )
+
+
+def _active_peer(net: Network, names: list[str]) -> str:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for name in names:
+            me = net.status(name)["peers"][0]
+            if me["kv_blocks_used"] > 0:
+                return name
+        time.sleep(0.05)
+    pytest.fail("no peer holds the session's KV")
+
+
+def test_killing_a_redundant_peer_mid_stream_keeps_the_same_tokens(tmp_path_factory, model_dir, hf):
+    net = new_network(tmp_path_factory, model_dir)
+    prompt = "Failover keeps going"
+    n = 1200
+    expected, text = hf_greedy(hf, prompt, n)
+    try:
+        net.start("origin", layers="[0, 2]", origin=True)
+        net.start("b1", layers="[2, 6]", bootstrap=net.address("origin"))
+        net.start("b2", layers="[2, 6]", bootstrap=net.address("origin"))
+        net.wait_coverage("origin", 3)
+        stream = _stream_tokens(net.api("origin"), prompt, n)
+        chunks = []
+        killed = None
+        for chunk in stream:
+            chunks.append(chunk)
+            if killed is None and len(chunks) == 20:
+                killed = _active_peer(net, ["b1", "b2"])
+                net.kill(killed)
+        assert killed is not None
+        streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+        assert len([c for c in chunks if c.choices]) == n
+        assert streamed == text
+        # The survivor did the rest; the origin marked the dead one.
+        survivor = "b2" if killed == "b1" else "b1"
+        assert any(f["type"] == "FORWARD" for f in net.frames(survivor))
+        assert "marked as failed" in net.procs["origin"].log.read_text()
+    finally:
+        net.stop_all()
+
+
+def test_without_redundancy_the_client_gets_an_error_within_5s(tmp_path_factory, model_dir):
+    net = new_network(tmp_path_factory, model_dir)
+    try:
+        net.start("origin", layers="[0, 2]", origin=True)
+        net.start("only", layers="[2, 6]", bootstrap=net.address("origin"))
+        net.wait_coverage("origin", 2)
+        stream = _stream_tokens(net.api("origin"), "no spare peer", 1500)
+        killed_at = None
+        with pytest.raises(openai.APIError) as err:
+            for i, _chunk in enumerate(stream):
+                if i == 10:
+                    net.kill("only")
+                    killed_at = time.monotonic()
+        assert killed_at is not None
+        assert time.monotonic() - killed_at < 5.0
+        assert "peer network" in str(err.value)
+        # New requests fail fast too (503), never hang.
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as err2:
+            client(net.api("origin")).completions.create(model="tiny-qwen3", prompt="x", max_tokens=2)
+        assert err2.value.status_code == 503 and time.monotonic() - t0 < 5.0
+    finally:
+        net.stop_all()
+
+
+def test_auto_assignment_covers_every_layer(tmp_path_factory, model_dir, hf):
+    from lpipes.models.checkpoint import open_checkpoint
+    from lpipes.runtime.local import weight_bytes
+
+    ckpt = open_checkpoint(model_dir)
+    two_layers_gb = (weight_bytes(ckpt, 0, 2, "float32") + 1024) / (1 << 30)
+    net = new_network(tmp_path_factory, model_dir)
+    budget = f"max_memory_gb = {two_layers_gb:.9f}"
+    try:
+        net.start("origin", layers='"auto"', origin=True, extra_model=budget)
+        net.start("p1", layers='"auto"', bootstrap=net.address("origin"), extra_model=budget)
+        net.start("p2", layers='"auto"', bootstrap=net.address("origin"), extra_model=budget)
+        data = net.wait_coverage("origin", 3)
+        spans = sorted(tuple(p["layers"]) for p in data["peers"])
+        assert spans == [(0, 2), (2, 4), (4, 6)]
+        _tokens, text = hf_greedy(hf, "auto", 8)
+        reply = client(net.api("origin")).completions.create(
+            model="tiny-qwen3", prompt="auto", temperature=0, max_tokens=8, extra_body={"ignore_eos": True}
+        )
+        assert reply.choices[0].text == text
+    finally:
+        net.stop_all()

@@ -1,0 +1,109 @@
+"""Peer records, membership, layer assignment and routing (pure logic, no network)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from lpipes.errors import NoRouteError
+from lpipes.swarm import Membership, PeerRecord, RecordError, choose_span, coverage, plan_route, sign_record
+from lpipes.swarm.records import parse_record
+
+KEY = b"k" * 32
+
+
+def rec(node_id: str, start: int, end: int, *, ms: float = 0.0, version: int = 1, **kw) -> PeerRecord:
+    return PeerRecord(
+        node_id=node_id,
+        address=kw.pop("address", "127.0.0.1:5000"),
+        model="m",
+        model_hash="ab" * 16,
+        num_layers=kw.pop("num_layers", 6),
+        start=start,
+        end=end,
+        dtype="float16",
+        ms_per_layer=ms,
+        version=version,
+        **kw,
+    )
+
+
+def test_coverage_and_auto_spans_tile_the_model():
+    assert coverage(6, [(0, 2), (1, 4)]) == [1, 2, 1, 1, 0, 0]
+    spans: list[tuple[int, int]] = []
+    for _ in range(3):
+        spans.append(choose_span(6, 2, spans))
+    assert spans == [(0, 2), (2, 4), (4, 6)]
+    # A fourth node doubles the least-covered layers, from a boundary.
+    assert choose_span(6, 2, spans) == (0, 2)
+    assert choose_span(6, 4, [(0, 2)]) == (2, 6)
+    assert choose_span(6, 10, []) == (0, 6)
+    assert choose_span(6, 3, [(0, 6)], first=True) == (0, 3)
+    with pytest.raises(ValueError):
+        choose_span(6, 0, [])
+
+
+def test_uncovered_layers_outweigh_doubled_ones():
+    # Layers 0-3 covered, 4-5 not: a 3-layer node starts at the boundary 4.
+    s = choose_span(6, 3, [(0, 4)])
+    assert s == (4, 6)
+
+
+def test_route_is_cheapest_chain_and_deterministic():
+    peers = [
+        rec("a", 0, 3, ms=1.0),
+        rec("b", 3, 6, ms=1.0),
+        rec("c", 0, 6, ms=2.0),  # one hop but slower: 12 ms vs 6 ms + one more link
+        rec("d", 3, 6, ms=1.0),  # ties with b: lower node id wins
+    ]
+    route = plan_route(0, 6, peers)
+    assert [(h.node_id, h.start, h.end) for h in route] == [("a", 0, 3), ("b", 3, 6)]
+    # Slow links make the single hop cheaper.
+    route = plan_route(0, 6, peers, link_ms=lambda n: 100.0 if n != "c" else 0.1)
+    assert [h.node_id for h in route] == ["c"]
+    assert plan_route(2, 2, peers) == []
+
+
+def test_no_route_names_the_gap():
+    with pytest.raises(NoRouteError, match="layer 3"):
+        plan_route(0, 6, [rec("a", 0, 3), rec("b", 4, 6)])
+
+
+def test_records_are_validated_and_signed():
+    r = sign_record(rec("a", 0, 3), KEY)
+    assert parse_record(r.model_dump(), KEY) == r
+    forged = {**r.model_dump(), "end": 6}
+    with pytest.raises(RecordError, match="not signed"):
+        parse_record(forged, KEY)
+    with pytest.raises(RecordError, match="malformed"):
+        parse_record({**r.model_dump(), "start": 5, "end": 2}, KEY)
+    with pytest.raises(RecordError, match="malformed"):
+        parse_record({**r.model_dump(), "extra": 1}, None)
+    with pytest.raises(RecordError):
+        parse_record([1, 2], None)
+
+
+def test_membership_keeps_newest_expires_and_marks():
+    m = Membership("me", KEY, peer_timeout_s=5.0, mark_s=0.0)
+    a1 = sign_record(rec("a", 0, 3, version=1), KEY).model_dump()
+    a2 = sign_record(rec("a", 0, 6, version=2), KEY).model_dump()
+    me = sign_record(rec("me", 0, 3), KEY).model_dump()
+    bad = {**a2, "version": 9}  # signature no longer matches
+    assert m.merge([a2, a1, me, bad]) == 1
+    assert m.get("a").span == (0, 6)
+    assert [r.node_id for r in m.routable("ab" * 16)] == ["a"]
+    m.mark("a", "test")
+    assert m.is_marked("a") and m.routable("ab" * 16) == []
+    now = time.monotonic()
+    assert m.expire(now=now + 4) == [] and m.expire(now=now + 6) == ["a"]
+    assert m.peers() == []
+
+
+def test_expired_records_are_not_brought_back_by_stale_gossip():
+    m = Membership("me", None, peer_timeout_s=5.0)
+    old = rec("a", 0, 3, version=4).model_dump()
+    m.merge([old])
+    assert m.expire(now=time.monotonic() + 6) == ["a"]
+    assert m.merge([old]) == 0 and m.get("a") is None
+    assert m.merge([rec("a", 0, 3, version=5).model_dump()]) == 1  # alive again
