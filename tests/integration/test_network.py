@@ -489,3 +489,30 @@ def test_auto_assignment_covers_every_layer(tmp_path_factory, model_dir, hf):
         assert reply.choices[0].text == text
     finally:
         net.stop_all()
+
+
+def test_per_layer_inputs_travel_with_the_hidden_states(tmp_path_factory):
+    # Gemma 4 layers take per-layer inputs next to the hidden state; a remote span gets its slice.
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("net-g4") / "tiny-gemma4", "gemma4_text", seed=0)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    full = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    full.generation_config.eos_token_id = None
+    ids = tok("per layer")["input_ids"]
+    out = full.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :]
+    net = new_network(tmp_path_factory, path)
+    try:
+        net.start("origin", layers="[0, 2]", origin=True)
+        net.start("rest", layers="[2, 6]", bootstrap=net.address("origin"))
+        net.wait_coverage("origin", 2)
+        reply = client(net.api("origin")).completions.create(
+            model="tiny-gemma4",
+            prompt="per layer",
+            temperature=0,
+            max_tokens=8,
+            extra_body={"ignore_eos": True},
+        )
+        assert reply.choices[0].text == tok.decode(out, skip_special_tokens=True)
+        forwards = [f for f in net.frames("rest") if f["type"] == "FORWARD"]
+        assert forwards and all(f["tensors"]["per_layer"][1][1] == 4 for f in forwards)
+    finally:
+        net.stop_all()
