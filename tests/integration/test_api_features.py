@@ -349,6 +349,8 @@ def test_config_written_by_init_is_served(start_server, tiny_checkpoint, tmp_pat
             "from-init",
             "--api-listen",
             f"127.0.0.1:{port}",
+            "--listen",  # init writes a [network] table: the node listens for peers too
+            f"127.0.0.1:{free_port()}",
             "--dtype",
             "float32",
             "-o",

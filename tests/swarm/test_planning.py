@@ -31,23 +31,29 @@ def rec(node_id: str, start: int, end: int, *, ms: float = 0.0, version: int = 1
 
 def test_coverage_and_auto_spans_tile_the_model():
     assert coverage(6, [(0, 2), (1, 4)]) == [1, 2, 1, 1, 0, 0]
+    # No origin known: layer peers tile the model from layer 0.
     spans: list[tuple[int, int]] = []
     for _ in range(3):
         spans.append(choose_span(6, 2, spans))
     assert spans == [(0, 2), (2, 4), (4, 6)]
-    # A fourth node doubles the least-covered layers, from a boundary.
-    assert choose_span(6, 2, spans) == (0, 2)
-    assert choose_span(6, 4, [(0, 2)]) == (2, 6)
     assert choose_span(6, 10, []) == (0, 6)
     assert choose_span(6, 3, [(0, 6)], first=True) == (0, 3)
     with pytest.raises(ValueError):
         choose_span(6, 0, [])
 
 
-def test_uncovered_layers_outweigh_doubled_ones():
-    # Layers 0-3 covered, 4-5 not: a 3-layer node starts at the boundary 4.
-    s = choose_span(6, 3, [(0, 4)])
-    assert s == (4, 6)
+def test_layer_peers_start_where_routes_can_reach():
+    # An origin holding [0, 2): peers start at 2, then where other peers end.
+    assert choose_span(6, 2, [], origin_ends=[2]) == (2, 4)
+    assert choose_span(6, 2, [(2, 4)], origin_ends=[2]) == (4, 6)
+    # A big peer does not take layers the origin runs itself.
+    assert choose_span(6, 6, [], origin_ends=[2]) == (2, 6)
+    # A fully covered network: the next peer doubles a reachable span.
+    assert choose_span(6, 2, [(2, 4), (4, 6)], origin_ends=[2]) == (2, 4)
+    # Uncovered layers outweigh doubled ones: start at the boundary 4.
+    assert choose_span(6, 3, [(2, 4)], origin_ends=[2]) == (4, 6)
+    # An origin holding everything: nothing is needed, the peer doubles the last layers.
+    assert choose_span(6, 2, [], origin_ends=[6]) == (4, 6)
 
 
 def test_route_is_cheapest_chain_and_deterministic():

@@ -125,9 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help="serve a model from a node configuration over the OpenAI-compatible API",
-        description="Load the model of a node.toml (one node holding the end model and all layers) and serve "
+        description="Run the node of a node.toml. An origin (end_model = true, [api]) serves "
         "/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics (Prometheus) and "
-        "/lpipes/status on [api].listen, with continuous batching (docs/api.md, docs/configuration.md).",
+        "/lpipes/status on [api].listen with continuous batching; it runs alone when it holds every layer "
+        "and has no [network] table, else it joins the peer network and routes the layers it does not "
+        "hold to layer peers. A layer peer (no [api]) joins the network, takes its span (explicit or "
+        '"auto") and runs it for the origins (docs/api.md, docs/configuration.md).',
     )
     serve.add_argument(
         "--config", required=True, help="the node's TOML configuration (see docs/configuration.md)"

@@ -94,7 +94,22 @@ def serve(config_path: str) -> int:
             )
     else:
         span = None  # chosen after joining the network
-    networked = "network" in cfg.model_fields_set or not m.end_model or span != (0, L)
+    networked = "network" in cfg.model_fields_set or not m.end_model
+    if not networked and span != (0, L):
+        # An origin without [network] serves alone: it must hold every layer.
+        from lpipes.runtime.local import weight_bytes
+
+        need = weight_bytes(ckpt, 0, L, dtype)
+        if m.span is None:
+            raise LpipesError(
+                f"{config_path}: the {L} layers need {need / GiB:.2f} GiB of weights in {dtype}, over "
+                f"max_memory_gb = {m.max_memory_gb}; raise max_memory_gb, or add a [network] table so "
+                "layer peers can hold the rest"
+            )
+        raise LpipesError(
+            f"{config_path}: layers {list(m.span)} do not cover all {L} layers; a node without a "
+            "[network] table serves alone and must hold every layer (add [network] to use layer peers)"
+        )
     if not networked:
         return _serve_alone(config_path, cfg, dtype)
     return asyncio_run(_serve_networked(config_path, cfg, ckpt, dtype, span))
@@ -176,14 +191,16 @@ async def _serve_networked(
             ) from None
         known = await node.join(net.join_timeout_s)
         if span is None:
-            spans = [p.span for p in node.membership.peers() if p.model_hash == settings.model_hash]
+            same = [p for p in node.membership.peers() if p.model_hash == settings.model_hash]
+            spans = [p.span for p in same if not p.end_model]
+            origin_ends = [p.end for p in same if p.end_model]
             # Size the window from layer 0's weights, then shrink it to what fits from its start.
             cap = _capacity(ckpt, 0, dtype, m.max_memory_gb * GiB)
             if cap == 0:
                 raise LpipesError(
                     f"{config_path}: not one layer fits max_memory_gb = {m.max_memory_gb}; raise it"
                 )
-            start, end = choose_span(ckpt.num_layers, cap, spans)
+            start, end = choose_span(ckpt.num_layers, cap, spans, origin_ends=origin_ends)
             span = (start, start + min(end - start, _capacity(ckpt, start, dtype, m.max_memory_gb * GiB)))
             log.info("layers auto: took [%d, %d) (knew %d peer(s))", *span, known)
         node.span = span

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,7 +164,9 @@ class PeerServer:
         self.idle_timeout_s = idle_timeout_s
         self.cert = make_certificate(node_id)
         self._server: Any = None
-        self._conns: dict[int, _Conn] = {}
+        # Keyed by the connection's protocol object itself (weakly): an id() can be reused by a later
+        # connection once the first is gone, which would skip that one's handshake.
+        self._conns: weakref.WeakKeyDictionary[Any, _Conn] = weakref.WeakKeyDictionary()
         self._tasks: set[asyncio.Task] = set()
         self.address: tuple[str, int] | None = None
         self.refused = 0  # connections dropped for failing authentication
@@ -199,7 +202,7 @@ class PeerServer:
 
     async def _serve_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         protocol = writer.transport.protocol  # type: ignore[attr-defined]
-        conn = self._conns.setdefault(id(protocol), _Conn())
+        conn = self._conns.setdefault(protocol, _Conn())
         try:
             if not conn.authenticated.is_set():
                 if conn.handshake_started:  # a second stream while the first authenticates
@@ -236,7 +239,7 @@ class PeerServer:
                 await write_frame(writer, error_frame("unauthenticated", str(exc)), self.limits)
             # Close once the ERROR frame had a moment to leave; nothing else is read meanwhile.
             asyncio.get_running_loop().call_later(0.5, protocol.close)
-            self._conns.pop(id(protocol), None)
+            self._conns.pop(protocol, None)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -3,8 +3,8 @@
 Assignment (``layers = "auto"``): a node that can hold ``n`` layers takes the window of ``n``
 consecutive layers that best covers the least-served layers — each layer scores
 ``1 / (1 + coverage)²``, so one uncovered layer outweighs any number of doubly covered ones —
-starting at a *boundary* (0, or where a known span ends or starts) so that the spans of a network
-chain up. Ties go to the lowest start.
+starting at a *boundary* a route can reach (where an origin's own span ends, or where another
+layer peer's span ends) so that the spans of a network chain up. Ties go to the lowest start.
 
 Routing: the cheapest chain of whole spans from layer ``start`` to ``end``, where a span costs its
 measured compute time (``ms_per_layer`` × its layers; an unmeasured node is assumed as slow as the
@@ -48,32 +48,41 @@ def coverage(num_layers: int, spans: Sequence[tuple[int, int]]) -> list[int]:
 
 
 def choose_span(
-    num_layers: int, capacity: int, spans: Sequence[tuple[int, int]], *, first: bool = False
+    num_layers: int,
+    capacity: int,
+    spans: Sequence[tuple[int, int]],
+    *,
+    first: bool = False,
+    origin_ends: Sequence[int] = (),
 ) -> tuple[int, int]:
     """The span a node that can hold ``capacity`` layers should take (see the module docs).
 
     Args:
         num_layers: layers of the model.
         capacity: most layers the node can hold (its memory budget); at least 1.
-        spans: the spans other nodes of the model already hold (or are loading).
+        spans: the spans other layer peers of the model already hold (or are loading).
         first: the span must start at layer 0 (an origin keeping the first span).
+        origin_ends: where known origins' own spans end. Routes start there, so a layer peer's span
+            must start at one of them or where another layer peer's span ends; without any origin
+            known, layer 0 is a start too.
     """
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1 layer, got {capacity}")
     n = min(capacity, num_layers)
     if first:
         return (0, n)
-    cov = coverage(num_layers, spans)
-    boundaries = {0} | {e for _, e in spans if e < num_layers} | {s for s, _ in spans}
+    cov = coverage(num_layers, [*spans, *((0, e) for e in origin_ends)])
+    boundaries = set(origin_ends) | {e for _, e in spans}
+    if not origin_ends:
+        boundaries.add(0)
     best: tuple[float, int] | None = None
-    for s in sorted(boundaries):
-        if s >= num_layers:
-            continue
+    for s in sorted(b for b in boundaries if b < num_layers):
         e = min(s + n, num_layers)
         score = sum(1.0 / (1 + cov[i]) ** 2 for i in range(s, e))
         if best is None or score > best[0] + 1e-12:
             best = (score, s)
-    assert best is not None
+    if best is None:  # every origin holds the whole model: nothing to add; double the last layers
+        return (max(0, num_layers - n), num_layers)
     s = best[1]
     return (s, min(s + n, num_layers))
 
