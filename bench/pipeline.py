@@ -53,7 +53,7 @@ average before and after is printed and stored) and rerun when the spread is wid
 machine description to ``bench/results/pipeline-<date>.json``.
 
     python bench/pipeline.py --quick              # 8-layer 0.6B shape, 32 tokens, 3 rounds: smoke run
-    python bench/pipeline.py                      # 28 layers, 64 tokens, 8 rounds (~5 min on 2 cores)
+    python bench/pipeline.py                      # 28 layers, 64 tokens, 8 rounds (~4 min on 2 cores)
     python bench/pipeline.py --threads 1,2 --procs 1,3 --skip-thin --json /tmp/p.json
 """
 
