@@ -268,30 +268,13 @@ def qh3_fastpath_serve():
     at once (``datagrams_received`` -> ``receive_many_datagrams``, one ``transmit`` per burst), and
     sends with GSO; its ``serve`` uses a plain ``loop.create_datagram_endpoint``, i.e. one
     receive + process + transmit per datagram. This serves on qh3's (private)
-    ``create_optimized_datagram_transport`` with a QuicServer that routes bursts of short-header
-    packets to their connection in one call, as a product-owned server loop could.
+    ``create_optimized_datagram_transport`` with the product's QuicServer that routes bursts of
+    short-header packets to their connection in one call (``lpipes.net._quic``), but none of the
+    product's other settings (socket buffers, fragmentation, drain): the ``lpipes`` configuration has those.
     """
     from qh3.asyncio._transport import create_optimized_datagram_transport
-    from qh3.asyncio.server import QuicServer
 
-    class BatchingQuicServer(QuicServer):
-        def datagrams_received(self, datagrams: list[bytes], addr) -> None:
-            cid_len = self._configuration.connection_id_length
-            batch: list[bytes] = []
-            target = None
-            for data in datagrams:
-                # short header (1-RTT): first bit clear, then our connection ID
-                proto = self._protocols.get(data[1 : 1 + cid_len]) if data and not data[0] & 0x80 else None
-                if proto is not target and batch:
-                    target.datagrams_received(batch, addr)
-                    batch = []
-                target = proto
-                if proto is None:
-                    self.datagram_received(data, addr)  # handshake packets, new connections
-                else:
-                    batch.append(data)
-            if batch:
-                target.datagrams_received(batch, addr)
+    from lpipes.net._quic import _BatchingQuicServer as BatchingQuicServer  # the product's burst router
 
     async def serve(host: str, port: int, *, configuration, stream_handler=None):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

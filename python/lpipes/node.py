@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5  # a step outstanding this long starts liveness pings of its hops
 PING_TIMEOUT_S = 1.5  # a hop that does not answer a ping within this fails the step
 SWEEP_S = 5.0  # how often idle sessions are looked for
+HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what hidden-state tensors may be
 TRACE_ENV = "LPIPES_TRACE_FRAMES"  # a file path: every received frame's summary is appended as JSON
 
 
@@ -183,7 +184,6 @@ class Node:
         self._closing = False
         self._trace = os.environ.get(TRACE_ENV)
         self._trace_lock = threading.Lock()
-        self.frames_received: dict[str, int] = {}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> str:
@@ -387,7 +387,6 @@ class Node:
 
     # ------------------------------------------------------------------ handlers
     def _trace_frame(self, frame: Frame, ctx: PeerContext) -> None:
-        self.frames_received[frame.type.name] = self.frames_received.get(frame.type.name, 0) + 1
         if not self._trace:
             return
         entry = {
@@ -444,7 +443,7 @@ class Node:
         hidden = check_tensor(
             frame,
             "hidden",
-            dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            dtypes=HIDDEN_DTYPES,
             shape=(total, self.s.hidden_size),
         )
         positions = check_tensor(frame, "positions", dtypes=(torch.int64,), shape=(total,))
@@ -453,7 +452,7 @@ class Node:
             per_layer = check_tensor(
                 frame,
                 "per_layer",
-                dtypes=(torch.float16, torch.bfloat16, torch.float32),
+                dtypes=HIDDEN_DTYPES,
                 shape=(total, None, None),
             )
         return meta, hidden, positions, per_layer
@@ -564,7 +563,7 @@ class Node:
         hidden = check_tensor(
             frame,
             "hidden",
-            dtypes=(torch.float16, torch.bfloat16, torch.float32),
+            dtypes=HIDDEN_DTYPES,
             shape=(sum(meta.lens), self.s.hidden_size),
         )
         p.future.set_result((meta, hidden))

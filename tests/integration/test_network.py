@@ -129,7 +129,8 @@ class Network:
         while time.monotonic() < deadline:
             if p.proc.poll() is not None:
                 pytest.fail(f"{p.name} exited with {p.proc.returncode}:\n{p.log.read_text()[-3000:]}")
-            if b" of " in p.log.read_bytes() and b"peers on quic://" in p.log.read_bytes():
+            log = p.log.read_bytes()
+            if b" of " in log and b"peers on quic://" in log:
                 if "[api]" not in p.config.read_text():
                     return
                 try:

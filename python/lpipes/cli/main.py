@@ -142,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_api_listen(listen: str, api_keys: Sequence[str]) -> tuple[str, int]:
+    """``(host, port)`` of an API address that is free now (a clear error rather than uvicorn's log line
+    after the engine started); warns when it listens beyond localhost without api_keys."""
+    host, _, port = listen.rpartition(":")
+    try:
+        with socket.create_server((host, int(port))):
+            pass
+    except OSError as exc:
+        raise LpipesError(
+            f"cannot listen on {listen}: {exc.strerror or exc}; choose another address"
+        ) from None
+    if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the API listens on %s without api_keys: anyone who can reach it can use it", host)
+    return host, int(port)
+
+
 def _run_server(
     generator: Any,
     name: str,
@@ -157,18 +173,9 @@ def _run_server(
     from lpipes.api.server import Service, build_app
     from lpipes.generation.engine import Engine
 
-    host, _, port = listen.rpartition(":")
-    try:  # a clear error now rather than uvicorn's log line after the engine started
-        with socket.create_server((host, int(port))):
-            pass
-    except OSError as exc:
-        raise LpipesError(
-            f"cannot listen on {listen}: {exc.strerror or exc}; choose another address"
-        ) from None
+    host, port = check_api_listen(listen, api_keys)
     engine = Engine(generator, max_batch_size=max_batch_size, max_queued=max_queued)
     app = build_app(Service(engine, name, info=info, api_keys=api_keys))
-    if not api_keys and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("the API listens on %s without api_keys: anyone who can reach it can use it", host)
     print(banner or f"serving {name} on http://{listen}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         import uvloop  # noqa: F401
@@ -177,18 +184,25 @@ def _run_server(
     except ImportError:  # pragma: no cover - platforms without uvloop
         loop = "asyncio"
     try:
-        uvicorn.run(
-            app, host=host, port=int(port), log_level="warning", loop=loop, timeout_graceful_shutdown=5
-        )
+        uvicorn.run(app, host=host, port=port, log_level="warning", loop=loop, timeout_graceful_shutdown=5)
     finally:
         engine.close()
     return 0
 
 
 def _executor_names(generator: Any) -> list[str]:
+    """What runs each stage: ``native``, ``reference``, or ``network`` (layers routed to peers)."""
+    from lpipes.node import RemoteStage
     from lpipes.runtime.native import NativeExecutor
 
-    return ["native" if isinstance(s, NativeExecutor) else "reference" for s in generator.stages]
+    return [
+        "network"
+        if isinstance(s, RemoteStage)
+        else "native"
+        if isinstance(s, NativeExecutor)
+        else "reference"
+        for s in generator.stages
+    ]
 
 
 def _serve(config_path: str) -> int:

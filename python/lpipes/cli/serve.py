@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 import sys
 from typing import Any
 
@@ -249,6 +248,7 @@ def _origin_server(
     import uvicorn
 
     from lpipes.api.server import NodeInfo, Service, build_app
+    from lpipes.cli.main import _executor_names, check_api_listen
     from lpipes.generation.engine import Engine
     from lpipes.generation.loop import Generator
     from lpipes.models.checkpoint import open_checkpoint
@@ -266,41 +266,18 @@ def _origin_server(
     if span[1] < ckpt.num_layers:
         chain.append(RemoteStage(node, span[1], ckpt.num_layers))
     generator = Generator(end_model, chain)
+    host, port = check_api_listen(api.listen, api.api_keys)
     engine = Engine(generator, max_batch_size=api.max_batch_size, max_queued=api.max_queued_requests)
     name = model_name(m)
-    info = NodeInfo(node_id=cfg.node_id, source=m.source, executors=_stage_names(generator))
+    info = NodeInfo(node_id=cfg.node_id, source=m.source, executors=_executor_names(generator))
     app = build_app(Service(engine, name, info=info, api_keys=api.api_keys))
-    host, _, port = api.listen.rpartition(":")
-    try:  # a clear error now rather than uvicorn's log line later
-        with socket.create_server((host, int(port))):
-            pass
-    except OSError as exc:
-        raise LpipesError(
-            f"cannot listen on {api.listen}: {exc.strerror or exc}; choose another address"
-        ) from None
-    if not api.api_keys and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("the API listens on %s without api_keys: anyone who can reach it can use it", host)
     print(
         f"serving {name} on http://{api.listen}/v1 (node {cfg.node_id}; Ctrl-C to stop)",
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(app, host=host, port=int(port), log_level="warning", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     return engine, uvicorn.Server(config)
-
-
-def _stage_names(generator: Any) -> list[str]:
-    from lpipes.node import RemoteStage
-    from lpipes.runtime.native import NativeExecutor
-
-    return [
-        "network"
-        if isinstance(s, RemoteStage)
-        else "native"
-        if isinstance(s, NativeExecutor)
-        else "reference"
-        for s in generator.stages
-    ]
 
 
 async def _wait_for_signal() -> None:
