@@ -502,6 +502,7 @@ def main() -> int:
     ap.add_argument("--procs", default="1,2,3", help="comma-separated process counts (default 1,2,3)")
     ap.add_argument("--layers", type=int, help="layers of the 0.6B-shaped model (default 28; quick 8)")
     ap.add_argument("--skip-thin", action="store_true", help="leave out the thin per-hop model")
+    ap.add_argument("--only-thin", action="store_true", help="only the thin per-hop model (quick hop checks)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", type=Path, help="checkpoint directory of the 0.6B-shaped model")
     ap.add_argument("--json", type=Path, help="results file (default bench/results/pipeline-<date>.json)")
@@ -513,7 +514,9 @@ def main() -> int:
     procs = sorted({int(x) for x in args.procs.split(",") if x.strip()})
     if tokens < 1 or repeats < 1 or not threads or min(threads) < 1 or not procs or not 1 <= procs[0]:
         ap.error("--tokens, --repeats, --threads and --procs must be >= 1")
-    specs = [(ModelSpec("qwen3-0.6b", layers, QWEN3_06B, tokens), args.cache)]
+    if args.skip_thin and args.only_thin:
+        ap.error("--skip-thin and --only-thin exclude each other")
+    specs = [] if args.only_thin else [(ModelSpec("qwen3-0.6b", layers, QWEN3_06B, tokens), args.cache)]
     if not args.skip_thin:
         specs.append((ModelSpec("thin", 3, THIN, 4 * tokens), None))
     for spec, _ in specs:

@@ -55,6 +55,11 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 0.5  # a step outstanding this long starts liveness pings of its hops
 PING_TIMEOUT_S = 1.5  # a hop that does not answer a ping within this fails the step
 SWEEP_S = 5.0  # how often idle sessions are looked for
+# A layer peer runs a step on its event loop thread itself (no hand-off to the compute thread and back,
+# ~0.5 ms per hop) when the step is decode-sized, nothing else is computing, and the measured time of such
+# a step is short enough not to hold up pings and gossip; otherwise on the compute thread.
+INLINE_MAX_TOKENS = 16
+INLINE_MAX_MS = 100.0
 HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what hidden-state tensors may be
 TRACE_ENV = "LPIPES_TRACE_FRAMES"  # a file path: every received frame's summary is appended as JSON
 
@@ -134,8 +139,10 @@ class _Link:
 
 @dataclass
 class _Pending:
-    future: asyncio.Future
+    future: concurrent.futures.Future  # waited on by the engine thread, completed on the loop
     route: list[Hop]
+    started: float  # monotonic
+    timer: asyncio.TimerHandle | None = None  # the next heartbeat
 
 
 @dataclass
@@ -178,6 +185,7 @@ class Node:
         self._link_locks: dict[str, asyncio.Lock] = {}
         self._rtt_ms: dict[str, float] = {}
         self._pending: dict[int, _Pending] = {}
+        self._compute_jobs = 0  # calls queued or running on the compute thread
         self._steps = itertools.count(1)
         self._sessions: dict[str, float] = {}  # "origin/session" -> last used (monotonic)
         self._tasks: set[asyncio.Task] = set()
@@ -230,9 +238,8 @@ class Node:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for p in self._pending.values():
-            if not p.future.done():
-                p.future.set_exception(RouteFailedError("the node is shutting down"))
+        for step in list(self._pending):
+            self._fail(step, RouteFailedError("the node is shutting down"))
         for link in list(self._links.values()):
             await self._drop_link(link)
         await self.server.close()
@@ -296,13 +303,16 @@ class Node:
             self._links[address] = link
             return link
 
-    async def _drop_link(self, link: _Link) -> None:
+    def _forget_link(self, link: _Link) -> None:
         for addr, known in list(self._links.items()):
             if known is link:
                 del self._links[addr]
         if link.reader is not None:
             link.reader.cancel()
         link.push.close()
+
+    async def _drop_link(self, link: _Link) -> None:
+        self._forget_link(link)
         await link.conn.close()
 
     async def _read_push_replies(self, address: str, link: _Link) -> None:
@@ -316,8 +326,26 @@ class Node:
                 log.warning("%s refused a frame: %s", address, frame.meta.get("message"))
                 self._fail_step(frame.meta.get("step"), frame.meta)
 
+    def _send_now(self, address: str, frame: Frame) -> bool:
+        """Write a one-way frame at once if the link is open and has room; False: use :meth:`send`.
+
+        Raises:
+            TransportError: the link's connection is closed (the link is dropped).
+        """
+        link = self._links.get(address)
+        if link is None or link.lock.locked():
+            return False
+        try:
+            return link.push.send_nowait(frame)
+        except (OSError, AttributeError) as exc:
+            self._forget_link(link)
+            self._spawn(link.conn.close())
+            raise TransportError(f"cannot send to {address}: {exc}") from None
+
     async def send(self, address: str, frame: Frame) -> None:
         """Write a one-way frame to a node on its link's push stream (opening the link if needed)."""
+        if self._send_now(address, frame):
+            return
         link = await self._link(address)
         try:
             async with link.lock:
@@ -481,7 +509,10 @@ class Node:
             now = time.monotonic()
             for key in keys:
                 self._sessions[key] = now
-            out = await asyncio.get_running_loop().run_in_executor(self.compute, self._run_span, inputs)
+            if self._inline(sum(meta.lens), n_here):
+                out = self._run_span(inputs)
+            else:
+                out = await self._computed(self._run_span, inputs)
         except (LpipesError, ValueError, RuntimeError) as exc:
             code = "bad_frame" if isinstance(exc, WireError) else type(exc).__name__
             await self._report(meta, code, str(exc))
@@ -513,6 +544,22 @@ class Node:
             except (TransportError, LpipesError) as exc:
                 log.warning("cannot return step %d to origin %s: %s", meta.step, meta.origin, exc)
 
+    def _inline(self, tokens: int, layers: int) -> bool:
+        """Run this step on the loop thread (see ``INLINE_MAX_TOKENS``)?"""
+        return (
+            tokens <= INLINE_MAX_TOKENS
+            and self._compute_jobs == 0
+            and self.ms_per_layer * layers <= INLINE_MAX_MS
+        )
+
+    async def _computed(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the compute thread (one call at a time, in order)."""
+        self._compute_jobs += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+        finally:
+            self._compute_jobs -= 1
+
     def _run_span(self, inputs: list[SequenceInput]) -> torch.Tensor:
         t0 = time.perf_counter()
         outs = self.executor.forward(inputs)
@@ -536,7 +583,7 @@ class Node:
         for key in keys:
             self._sessions.pop(key, None)
         if self.executor is not None:
-            await asyncio.get_running_loop().run_in_executor(self.compute, self._end_sessions, keys)
+            await self._computed(self._end_sessions, keys)
 
     def _end_sessions(self, keys: list[str]) -> None:
         for key in keys:
@@ -552,13 +599,13 @@ class Node:
                 del self._sessions[k]
             if idle and self.executor is not None:
                 log.info("ending %d idle session(s)", len(idle))
-                await asyncio.get_running_loop().run_in_executor(self.compute, self._end_sessions, idle)
+                await self._computed(self._end_sessions, idle)
 
     # -------------------------------------------------------------------- origin
     def _on_result(self, frame: Frame) -> None:
         meta = _parse(ResultMeta, frame)
         p = self._pending.get(meta.step)
-        if p is None or p.future.done():
+        if p is None:
             return  # a step that already failed over
         hidden = check_tensor(
             frame,
@@ -566,59 +613,106 @@ class Node:
             dtypes=HIDDEN_DTYPES,
             shape=(sum(meta.lens), self.s.hidden_size),
         )
-        p.future.set_result((meta, hidden))
+        self._pending.pop(meta.step, None)
+        if p.timer is not None:
+            p.timer.cancel()
+        p.future.set_result(hidden)
 
     def _fail_step(self, step: Any, meta: dict[str, Any]) -> None:
-        p = self._pending.get(step) if isinstance(step, int) else None
-        if p is None or p.future.done():
+        if not isinstance(step, int) or step not in self._pending:
             return
         code = str(meta.get("code", "error"))
         message = str(meta.get("message", ""))
         failed = meta.get("failed") if code == "hop_failed" else meta.get("node_id")
         node = failed if isinstance(failed, str) else None
         # Any hop failure reroutes (the next route may not have the problem); MAX_FAILOVERS bounds it.
-        p.future.set_exception(
-            RouteFailedError(f"{node or 'a peer'} failed the step ({code}): {message}", node)
-        )
+        self._fail(step, RouteFailedError(f"{node or 'a peer'} failed the step ({code}): {message}", node))
+
+    def _fail(self, step: int, exc: BaseException) -> None:
+        """Complete an outstanding step with ``exc``; a failed peer named by it is marked."""
+        p = self._pending.pop(step, None)
+        if p is None:
+            return
+        if p.timer is not None:
+            p.timer.cancel()
+        if isinstance(exc, RouteFailedError) and exc.node_id is not None:
+            self.membership.mark(exc.node_id, str(exc))
+        p.future.set_exception(exc)
+
+    def begin_step(
+        self,
+        route: list[Hop],
+        sessions: list[str],
+        lens: list[int],
+        tensors: dict[str, torch.Tensor],
+        future: concurrent.futures.Future,
+    ) -> None:
+        """Send one step along ``route``; ``future`` gets the last hop's hidden states or the
+        :class:`RouteFailedError` that ended the step (see the module docs). Call on the node's loop.
+
+        A decode step leaves in this call (``_send_now``), and the result completes ``future`` in the
+        RESULT frame's handler: no task, no thread hop on the loop's side.
+        """
+        step = next(self._steps)
+        first = route[0]
+        try:
+            meta = {
+                "step": step,
+                "origin": self.s.node_id,
+                "reply_to": self.address,
+                "sessions": sessions,
+                "lens": lens,
+                "route": [h.to_json() for h in route],
+            }
+            frame = Frame(MessageType.FORWARD, meta, tensors)
+            self._pending[step] = p = _Pending(future, route, time.monotonic())
+            p.timer = self.loop.call_later(HEARTBEAT_S, self._heartbeat, step)  # type: ignore[union-attr]
+            if not self._send_now(first.address, frame):
+                self._spawn(self._send_step(step, first, frame))
+        except TransportError as exc:
+            self._fail(step, RouteFailedError(f"hop {first.node_id} unreachable: {exc}", first.node_id))
+        except BaseException as exc:  # noqa: BLE001 - the engine thread waits on this future
+            self._pending.pop(step, None)
+            if not future.done():
+                future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _send_step(self, step: int, first: Hop, frame: Frame) -> None:
+        try:
+            await self.send(first.address, frame)
+        except (TransportError, LpipesError, OSError) as exc:
+            self._fail(step, RouteFailedError(f"hop {first.node_id} unreachable: {exc}", first.node_id))
+
+    def _heartbeat(self, step: int) -> None:
+        p = self._pending.get(step)
+        if p is None:
+            return
+        p.timer = None
+        if time.monotonic() - p.started > self.s.step_timeout_s:
+            self._fail(
+                step, RouteFailedError(f"no result within step_timeout_s = {self.s.step_timeout_s:g} s")
+            )
+            return
+        self._spawn(self._check_step(step, p))
+
+    async def _check_step(self, step: int, p: _Pending) -> None:
+        """Ping every hop of an outstanding step; fail it on a silent hop, else check again later."""
+        try:
+            await self._check_hops(p.route)
+        except RouteFailedError as exc:
+            self._fail(step, exc)
+            return
+        if self._pending.get(step) is p:
+            p.timer = asyncio.get_running_loop().call_later(HEARTBEAT_S, self._heartbeat, step)
 
     async def run_step(
         self, route: list[Hop], sessions: list[str], lens: list[int], tensors: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Send one step along ``route`` and wait for the last hop's result (see the module docs)."""
-        step = next(self._steps)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[step] = _Pending(fut, route)
-        meta = {
-            "step": step,
-            "origin": self.s.node_id,
-            "reply_to": self.address,
-            "sessions": sessions,
-            "lens": lens,
-            "route": [h.to_json() for h in route],
-        }
-        try:
-            try:
-                await self.send(route[0].address, Frame(MessageType.FORWARD, meta, tensors))
-            except (TransportError, LpipesError, OSError) as exc:
-                raise RouteFailedError(
-                    f"hop {route[0].node_id} unreachable: {exc}", route[0].node_id
-                ) from None
-            t0 = time.monotonic()
-            while True:
-                done, _ = await asyncio.wait({fut}, timeout=HEARTBEAT_S)
-                if done:
-                    break
-                await self._check_hops(route)
-                if time.monotonic() - t0 > self.s.step_timeout_s:
-                    raise RouteFailedError(f"no result within step_timeout_s = {self.s.step_timeout_s:g} s")
-            _meta, hidden = fut.result()
-            return hidden
-        except RouteFailedError as exc:
-            if exc.node_id is not None:
-                self.membership.mark(exc.node_id, str(exc))
-            raise
-        finally:
-            self._pending.pop(step, None)
+        """:meth:`begin_step` for a caller on the node's loop."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.begin_step(route, sessions, lens, tensors, future)
+        return await asyncio.wrap_future(future)
 
     async def _check_hops(self, route: list[Hop]) -> None:
         async def ping(h: Hop) -> None:
@@ -702,9 +796,17 @@ class RemoteStage:
             tensors["per_layer"] = torch.cat([x.per_layer for x in inputs]).contiguous()
         for sid in sessions:
             self._sessions[sid] = route
-        fut = asyncio.run_coroutine_threadsafe(self.node.run_step(route, sessions, lens, tensors), loop)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        loop.call_soon_threadsafe(self.node.begin_step, route, sessions, lens, tensors, fut)
+        # The loop completes the step within step_timeout_s (heartbeats, timeout); the margin here only
+        # guards against a loop that stopped running.
+        wait_s = self.node.s.step_timeout_s + 4 * (HEARTBEAT_S + PING_TIMEOUT_S)
         try:
-            hidden = fut.result()
+            hidden = fut.result(timeout=wait_s)
+        except concurrent.futures.TimeoutError:
+            with self._lock:
+                self.route = None
+            raise RouteFailedError(f"the node's event loop gave no answer within {wait_s:g} s") from None
         except RouteFailedError:
             with self._lock:
                 self.route = None

@@ -98,6 +98,26 @@ def _is_closed(protocol: Any) -> bool:
     return getattr(protocol._quic, "_close_event", None) is not None or protocol._closed.is_set()
 
 
+def has_room(writer: asyncio.StreamWriter, bound: int = DRAIN_BOUND_BYTES) -> bool:
+    """True if at most ``bound`` bytes of this QUIC stream are unsent (the state :func:`drain` waits
+    for): a write now needs no wait. False for a full stream, or a stream that is not QUIC.
+
+    The one-way frames of a decode step take this path: no task, no timer, no await (qh3 sends them
+    at the connection's next transmit, which the write schedules).
+
+    Raises:
+        ConnectionError: the connection is closed.
+    """
+    adapter = writer.transport
+    stream_id = adapter.get_extra_info("stream_id")
+    protocol = getattr(adapter, "protocol", None)
+    if stream_id is None or protocol is None:
+        return False
+    if _is_closed(protocol):
+        raise ConnectionError("the QUIC connection is closed")
+    return protocol._quic.get_send_buffer_size(stream_id) <= bound
+
+
 async def drain(writer: asyncio.StreamWriter, bound: int = DRAIN_BOUND_BYTES) -> None:
     """Wait until at most ``bound`` bytes of this QUIC stream are still unsent.
 
@@ -281,6 +301,7 @@ __all__ = [
     "QuicProtocol",
     "connect",
     "drain",
+    "has_room",
     "peer_address",
     "peer_fingerprint",
     "serve",

@@ -112,6 +112,18 @@ async def write_frame(
     await _quic.drain(writer)
 
 
+def write_frame_nowait(
+    writer: asyncio.StreamWriter, frame: Frame, limits: WireLimits = DEFAULT_LIMITS
+) -> bool:
+    """Write a frame at once if the stream has room (``_quic.has_room``); False: nothing written, use
+    :func:`write_frame`. Raises ConnectionError if the connection is closed."""
+    if not _quic.has_room(writer):
+        return False
+    for part in encode(frame, limits):
+        writer.write(part)
+    return True
+
+
 def _raise_if_error(frame: Frame) -> Frame:
     if frame.type == MessageType.ERROR:
         raise PeerErrorReply(str(frame.meta.get("code", "error")), str(frame.meta.get("message", "")))
@@ -297,6 +309,10 @@ class FrameStream:
 
     async def send(self, frame: Frame) -> None:
         await write_frame(self.writer, frame, self.limits)
+
+    def send_nowait(self, frame: Frame) -> bool:
+        """Write ``frame`` now if the stream has room; False: nothing written (``await send``)."""
+        return write_frame_nowait(self.writer, frame, self.limits)
 
     async def receive(self, timeout: float | None = None) -> Frame:
         try:
