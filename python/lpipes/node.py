@@ -524,7 +524,7 @@ class Node:
                 tensors["per_layer"] = per_layer[:, hop.end - hop.start :].contiguous()
             fwd = Frame(
                 MessageType.FORWARD,
-                {**meta.model_dump(), "route": [h.model_dump() for h in meta.route[1:]]},
+                {**frame.meta, "route": frame.meta["route"][1:]},  # frame.meta passed ForwardMeta
                 tensors,
             )
             try:
