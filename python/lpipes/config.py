@@ -84,11 +84,31 @@ class ApiConfig(_Strict):
     api_keys: list[str] = []  # accepted Bearer tokens; empty: no authentication
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 16  # requests decoded together at most
     max_queued_requests: Annotated[int, Field(ge=0)] = 64  # waiting beyond the batch; more get 503
+    max_batch_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 2048  # tokens one step runs at most
+    prefill_chunk_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 512  # prompt tokens per request a step
 
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
         return _check_address(v, "listen")
+
+    @model_validator(mode="after")
+    def _budget(self) -> ApiConfig:
+        if self.max_batch_tokens < self.max_batch_size:
+            raise ValueError(
+                f"max_batch_tokens ({self.max_batch_tokens}) must be at least max_batch_size "
+                f"({self.max_batch_size}): every decoding sequence takes one token of a step's budget"
+            )
+        return self
+
+    def engine_options(self) -> dict[str, int]:
+        """The :class:`~lpipes.generation.engine.Engine` keyword arguments these settings give."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "max_queued": self.max_queued_requests,
+            "max_batch_tokens": self.max_batch_tokens,
+            "prefill_chunk_tokens": self.prefill_chunk_tokens,
+        }
 
 
 class ModelConfig(_Strict):

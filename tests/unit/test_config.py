@@ -19,6 +19,10 @@ key_file = "network.key"
 [api]
 listen = "127.0.0.1:8000"
 api_keys = ["sk-test"]
+max_batch_size = 8
+max_queued_requests = 32
+max_batch_tokens = 1024
+prefill_chunk_tokens = 256
 
 [[models]]
 id = "Qwen/Qwen3-1.7B"
@@ -45,6 +49,12 @@ def test_every_key(tmp_path):
     assert cfg.network.bootstrap == ["127.0.0.1:5001"]
     assert cfg.network.key_file == tmp_path / "network.key"  # relative to the file's folder
     assert cfg.api is not None and cfg.api.api_keys == ["sk-test"]
+    assert cfg.api.engine_options() == {
+        "max_batch_size": 8,
+        "max_queued": 32,
+        "max_batch_tokens": 1024,
+        "prefill_chunk_tokens": 256,
+    }
     (m,) = cfg.models
     assert m.path == tmp_path / "models/qwen3" and m.source == str(tmp_path / "models/qwen3")
     assert m.end_model and m.span is None and m.kv_cache_gb == 0.5
@@ -75,6 +85,8 @@ def test_minimal_defaults(tmp_path):
             "`models[0].kv_cache_gb`: Input should be greater than 0",
         ),
         (FULL.replace('node_id = "node-1"', ""), "missing required key `node_id`"),
+        (FULL.replace("max_batch_tokens = 1024", "max_batch_tokens = 4"), "must be at least max_batch_size"),
+        (FULL.replace("prefill_chunk_tokens = 256", "prefill_chunk_tokens = 0"), "prefill_chunk_tokens"),
         (FULL.replace('id = "Qwen/Qwen3-1.7B"\npath = "models/qwen3"', ""), "needs `path`"),
     ],
 )

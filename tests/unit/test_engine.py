@@ -88,6 +88,68 @@ def test_batched_with_preemption_matches_one_at_a_time(model, executor):
         engine.close()
 
 
+@pytest.mark.parametrize("executor", ["reference", "native"])
+def test_chunked_prefill_matches_one_at_a_time(model, executor):
+    """Prompts run in chunks of 5 tokens within a budget of 8 tokens a step (mixed with decodes):
+    the same greedy tokens as whole-prompt prefills one request at a time."""
+    dtype = "float32" if executor == "reference" else "float16"
+    ref = build_local_generator(model, dtype=dtype, executor=executor)
+    prompts = _prompts(ref, 4)
+    assert min(len(p) for p in prompts) > 5
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = [ref.generate_text(p, params)[1] for p in prompts]
+    gen = build_local_generator(model, dtype=dtype, executor=executor)
+    engine = Engine(gen, max_batch_size=4, max_batch_tokens=8, prefill_chunk_tokens=5)
+    try:
+        got = Collector(len(prompts))
+        engine.submit([GenerationRequest(p, params, request_id=f"c{i}") for i, p in enumerate(prompts)], got)
+        got.wait()
+        assert not got.errors
+        assert [got.tokens(f"c{i}") for i in range(len(prompts))] == expected
+        # every step stayed within the budget: more steps than the unchunked schedule needs
+        assert engine.stats.steps > params.max_tokens + max(len(p) for p in prompts) // 8
+        assert all(c.blocks_used == 0 for c in engine.caches)
+    finally:
+        engine.close()
+
+
+def test_long_prompt_does_not_stall_a_running_stream(model):
+    """A stream is decoding when a long prompt arrives: the stream gets a token in every step while
+    the prompt is prefilled chunk by chunk (the budget caps each step's prefill)."""
+    gen = build_local_generator(model, dtype="float32", executor="reference")
+    engine = Engine(gen, max_batch_size=2, max_batch_tokens=6, prefill_chunk_tokens=4)
+    steps_at: dict[str, list[int]] = {}
+    lock = threading.Lock()
+
+    class Timed(Collector):
+        def __call__(self, item):
+            if not isinstance(item, BaseException):
+                with lock:
+                    steps_at.setdefault(item.request_id, []).append(engine.stats.steps)
+            super().__call__(item)
+
+    try:
+        got = Timed(2)
+        engine.submit(
+            [GenerationRequest([1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True), "run")], got
+        )
+        assert got.first.wait(TIMEOUT_S)
+        long_prompt = gen.end_model.encode_prompt("tell me more " * 12)
+        assert len(long_prompt) > 4 * 6
+        submitted = engine.stats.steps
+        engine.submit([GenerationRequest(long_prompt, SamplingParams(max_tokens=2), "long")], got)
+        got.wait()
+        assert not got.errors
+        first_long = steps_at["long"][0]
+        # the prompt took several steps (4 tokens each at most), and "run" got a token in every one
+        assert first_long - submitted >= len(long_prompt) // 4
+        during = [s for s in steps_at["run"] if submitted < s <= first_long]
+        assert len(during) >= first_long - submitted - 1
+        assert all(b - a == 1 for a, b in zip(during, during[1:]))
+    finally:
+        engine.close()
+
+
 def test_sampled_requests_keep_their_seeded_streams(model):
     gen = build_local_generator(model, dtype="float32", executor="reference")
     prompts = _prompts(gen, 3)

@@ -164,8 +164,7 @@ def _run_server(
     listen: str,
     info: Any,
     api_keys: Sequence[str] = (),
-    max_batch_size: int = 16,
-    max_queued: int = 64,
+    engine_options: dict[str, int] | None = None,
     banner: str | None = None,
 ) -> int:
     import uvicorn
@@ -174,7 +173,7 @@ def _run_server(
     from lpipes.generation.engine import Engine
 
     host, port = check_api_listen(listen, api_keys)
-    engine = Engine(generator, max_batch_size=max_batch_size, max_queued=max_queued)
+    engine = Engine(generator, **(engine_options or {}))
     app = build_app(Service(engine, name, info=info, api_keys=api_keys))
     print(banner or f"serving {name} on http://{listen}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:

@@ -141,8 +141,7 @@ def _serve_alone(config_path: str, cfg: NodeConfig, dtype: Any) -> int:
         cfg.api.listen,
         info,
         api_keys=cfg.api.api_keys,
-        max_batch_size=cfg.api.max_batch_size,
-        max_queued=cfg.api.max_queued_requests,
+        engine_options=cfg.api.engine_options(),
         banner=f"serving {name} on http://{cfg.api.listen}/v1 (node {cfg.node_id}; Ctrl-C to stop)",
     )
 
@@ -267,7 +266,7 @@ def _origin_server(
         chain.append(RemoteStage(node, span[1], ckpt.num_layers))
     generator = Generator(end_model, chain)
     host, port = check_api_listen(api.listen, api.api_keys)
-    engine = Engine(generator, max_batch_size=api.max_batch_size, max_queued=api.max_queued_requests)
+    engine = Engine(generator, **api.engine_options())
     name = model_name(m)
     info = NodeInfo(node_id=cfg.node_id, source=m.source, executors=_executor_names(generator))
     app = build_app(Service(engine, name, info=info, api_keys=api.api_keys))

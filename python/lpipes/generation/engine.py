@@ -13,7 +13,12 @@ each step the worker
    no live session is ever evicted without this replay,
 3. admits waiting requests (their prompt prefill) while the batch has room
    (``max_batch_size``) and their prompt fits the pools,
-4. runs one batched forward pass for all scheduled requests (prefills and decodes mixed)
+4. spends the step's token budget (``max_batch_tokens``): one token for every decoding request
+   first, then prompt chunks of at most ``prefill_chunk_tokens`` for prefilling requests in
+   admission order — so a long prompt or a flood of new requests delays the running streams by at
+   most one budget's worth of prefill per step, never stalls them,
+5. runs one batched forward pass for all scheduled requests (prefill chunks and decodes mixed;
+   the LM head runs once for the batch, and not for a prompt chunk before the prompt's last)
    and hands each request's :class:`~lpipes.generation.loop.TokenEvent` to its callback.
 
 A request whose prompt plus ``max_tokens`` cannot fit a stage's whole pool is refused
@@ -64,6 +69,7 @@ class _Entry:
     state: RequestState
     callback: Callback
     pending: list[int]  # tokens not yet run through the layers
+    step_tokens: int = 0  # how many of them this step runs (0: sits this step out)
     preempted: int = 0
     failovers: int = 0
 
@@ -96,16 +102,35 @@ class Engine:
         max_batch_size: most requests stepped together.
         max_queued: most requests waiting for admission; more are refused with
             :class:`EngineBusyError`.
+        max_batch_tokens: most tokens one step runs (decodes count one each); at least
+            ``max_batch_size`` so that a prefill always progresses.
+        prefill_chunk_tokens: most prompt tokens of one request in one step.
     """
 
-    def __init__(self, generator: Generator, *, max_batch_size: int = 16, max_queued: int = 64) -> None:
+    def __init__(
+        self,
+        generator: Generator,
+        *,
+        max_batch_size: int = 16,
+        max_queued: int = 64,
+        max_batch_tokens: int = 2048,
+        prefill_chunk_tokens: int = 512,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if max_queued < 0:
             raise ValueError(f"max_queued must be at least 0, got {max_queued}")
+        if prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be at least 1, got {prefill_chunk_tokens}")
+        if max_batch_tokens < max_batch_size:
+            raise ValueError(
+                f"max_batch_tokens ({max_batch_tokens}) must be at least max_batch_size ({max_batch_size})"
+            )
         self.generator = generator
         self.max_batch_size = max_batch_size
         self.max_queued = max_queued
+        self.max_batch_tokens = max_batch_tokens
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         self.caches = _paged_caches(generator)
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -191,19 +216,35 @@ class Engine:
             e.callback(outcome)
 
     @staticmethod
-    def _blocks_needed(cache: PagedKVCache, e: _Entry) -> int:
-        # After the step the session holds its whole history (the pending tokens are its tail).
+    def _blocks_needed(cache: PagedKVCache, e: _Entry, tokens: int) -> int:
+        # After the step the session holds its history up to the pending tokens, plus ``tokens`` of them.
         held = math.ceil(cache.capacity(e.rid) / cache.block_size)
-        return max(0, math.ceil(len(e.state.history) / cache.block_size) - held)
+        after = len(e.state.history) - len(e.pending) + tokens
+        return max(0, math.ceil(after / cache.block_size) - held)
 
-    def _fits(self, entries: Sequence[_Entry]) -> bool:
+    def _fits(self, plan: Sequence[tuple[_Entry, int]]) -> bool:
         for cache in self.caches:
-            if sum(self._blocks_needed(cache, e) for e in entries) > cache.blocks_free:
+            if sum(self._blocks_needed(cache, e, n) for e, n in plan) > cache.blocks_free:
                 return False
         return True
 
+    def _plan(self, entries: Sequence[_Entry]) -> list[tuple[_Entry, int]]:
+        """Split the step's token budget: decodes first, then prompt chunks in admission order."""
+        budget = self.max_batch_tokens
+        counts = {}
+        for e in entries:
+            if len(e.pending) == 1:
+                counts[id(e)] = 1
+                budget -= 1
+        for e in entries:
+            if len(e.pending) > 1:
+                n = max(0, min(len(e.pending), self.prefill_chunk_tokens, budget))
+                counts[id(e)] = n
+                budget -= n
+        return [(e, counts[id(e)]) for e in entries]
+
     def _schedule(self) -> list[_Entry]:
-        """Pick this step's batch (called with the lock held)."""
+        """Pick this step's batch and set each entry's ``step_tokens`` (called with the lock held)."""
         if self._cancel:
             for e in [e for e in self._running if e.rid in self._cancel]:
                 self._running.remove(e)
@@ -213,7 +254,7 @@ class Engine:
                 self._finish(e, RequestCancelled(f"request {e.rid} was cancelled"), running=False)
             self._cancel.clear()
         # Running requests first; preempt the newest until their next tokens fit.
-        while self._running and not self._fits(self._running):
+        while self._running and not self._fits(self._plan(self._running)):
             victim = self._running.pop()
             self.generator.end_session(victim.rid, missing_ok=True)
             victim.pending = list(victim.state.history)
@@ -221,13 +262,23 @@ class Engine:
             self.stats.preempted += 1
             self._waiting.appendleft(victim)
             log.info("preempted %s (KV pool full); it will be replayed", victim.rid)
+        # Admit while the batch has room, the budget has tokens left and the whole prompt fits the pools.
         while self._waiting and len(self._running) < self.max_batch_size:
-            if not self._fits([*self._running, self._waiting[0]]):
+            plan = self._plan([*self._running, self._waiting[0]])
+            if plan[-1][1] == 0:
+                break
+            head = self._waiting[0]
+            if not self._fits([*plan[:-1], (head, len(head.pending))]):
                 break
             self._running.append(self._waiting.popleft())
         self.stats.active = len(self._running)
         self.stats.queued = len(self._waiting)
-        return list(self._running)
+        batch = []
+        for e, n in self._plan(self._running):
+            e.step_tokens = n
+            if n:
+                batch.append(e)
+        return batch
 
     def _failover(self, batch: list[_Entry], exc: RouteFailedError) -> None:
         """A hop of the network route failed: end the step's sessions everywhere and queue them
@@ -267,8 +318,10 @@ class Engine:
                 continue
             rids = [e.rid for e in batch]
             starts = [len(e.state.history) - len(e.pending) for e in batch]
+            chunks = [e.pending[: e.step_tokens] for e in batch]
+            last = [e.step_tokens == len(e.pending) for e in batch]
             try:
-                logits = gen.forward(rids, [e.pending for e in batch], starts, last_only=True)
+                logits = gen.forward(rids, chunks, starts, last_only=True, logits_for=last)
             except RouteFailedError as exc:
                 self._failover(batch, exc)
                 continue
@@ -283,6 +336,9 @@ class Engine:
             self.stats.steps += 1
             self.stats.batch_sizes[len(batch)] += 1
             for e, lg in zip(batch, logits):
+                if lg is None:  # a prompt chunk before the last: no token yet
+                    e.pending = e.pending[e.step_tokens :]
+                    continue
                 try:
                     event = gen.advance(e.state, lg[-1])
                 except BaseException as exc:  # noqa: BLE001

@@ -98,10 +98,16 @@ class Generator:
         start_positions: Sequence[int],
         *,
         last_only: bool = False,
-    ) -> list[torch.Tensor]:
+        logits_for: Sequence[bool] | None = None,
+    ) -> list[torch.Tensor | None]:
         """Run new tokens of several sessions through every stage; returns each one's [T, vocab] logits
         (``[1, vocab]`` for the last position only with ``last_only``: a prefill then skips the LM head
-        for every other prompt token, which for small models costs as much as all the layers)."""
+        for every other prompt token, which for small models costs as much as all the layers).
+
+        With ``last_only`` the sessions' last rows go through the LM head together (one pass over its
+        weights for the whole batch), and ``logits_for`` (one flag per session) skips the head for
+        sessions that need no logits this step (a prefill chunk before the prompt's last): None there.
+        """
         em = self.end_model
         inputs = []
         ple_all = []
@@ -116,7 +122,16 @@ class Generator:
                 x.per_layer = None if ple is None else ple[:, stage.start : stage.end]
             outputs = stage.forward(inputs)
             inputs = [SequenceInput(x.session_id, h, x.positions) for x, h in zip(inputs, outputs)]
-        return [em.logits(x.hidden[-1:] if last_only else x.hidden) for x in inputs]
+        if not last_only:
+            return [em.logits(x.hidden) for x in inputs]
+        wanted = [True] * len(inputs) if logits_for is None else list(logits_for)
+        if len(wanted) != len(inputs):
+            raise ValueError(f"logits_for has {len(wanted)} flags for {len(inputs)} sessions")
+        rows = [x.hidden[-1:] for x, w in zip(inputs, wanted) if w]
+        if not rows:
+            return [None] * len(inputs)
+        head = iter(em.logits(torch.cat(rows)).split(1))
+        return [next(head) if w else None for w in wanted]
 
     def end_session(self, session_id: str, *, missing_ok: bool = False) -> None:
         """End a session on every stage (with ``missing_ok``, stages that do not know it are skipped)."""
