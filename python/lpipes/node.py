@@ -24,6 +24,7 @@ logits; ``FORWARD`` metadata is validated against a closed schema.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import hashlib
@@ -60,6 +61,9 @@ SWEEP_S = 5.0  # how often idle sessions are looked for
 # a step is short enough not to hold up pings and gossip; otherwise on the compute thread.
 INLINE_MAX_TOKENS = 16
 INLINE_MAX_MS = 100.0
+# A layer peer batches the FORWARD steps waiting for it (from every origin and step) into one executor
+# call of at most this many tokens (more when one step alone is longer).
+PEER_BATCH_TOKENS = 2048
 HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what hidden-state tensors may be
 TRACE_ENV = "LPIPES_TRACE_FRAMES"  # a file path: every received frame's summary is appended as JSON
 
@@ -138,6 +142,21 @@ class _Link:
 
 
 @dataclass
+class _Job:
+    """A received FORWARD step waiting for (or in) a batch on this peer."""
+
+    frame: Frame
+    meta: ForwardMeta
+    inputs: list[SequenceInput]
+    positions: torch.Tensor
+    per_layer: torch.Tensor | None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+
+@dataclass
 class _Pending:
     future: concurrent.futures.Future  # waited on by the engine thread, completed on the loop
     route: list[Hop]
@@ -186,6 +205,11 @@ class Node:
         self._rtt_ms: dict[str, float] = {}
         self._pending: dict[int, _Pending] = {}
         self._compute_jobs = 0  # calls queued or running on the compute thread
+        self._queue: collections.deque[_Job] = collections.deque()  # FORWARD steps waiting to run
+        self._kick_pending = False
+        self._batch_running = False
+        self.batches = 0  # executor batches run (FORWARD steps batched together count once)
+        self.batched_jobs = 0  # FORWARD steps run
         self._steps = itertools.count(1)
         self._sessions: dict[str, float] = {}  # "origin/session" -> last used (monotonic)
         self._tasks: set[asyncio.Task] = set()
@@ -499,50 +523,143 @@ class Node:
             n_here = hop.end - hop.start
             if per_layer is not None and per_layer.shape[1] < n_here:
                 raise WireError("FORWARD: per_layer covers fewer layers than this hop runs")
-            keys = [f"{meta.origin}.{sid}" for sid in meta.sessions]
-            inputs = []
-            off = 0
-            for key, n in zip(keys, meta.lens):
-                ple = None if per_layer is None else per_layer[off : off + n, :n_here]
-                inputs.append(SequenceInput(key, hidden[off : off + n], positions[off : off + n], ple))
-                off += n
-            now = time.monotonic()
-            for key in keys:
-                self._sessions[key] = now
-            if self._inline(sum(meta.lens), n_here):
-                out = self._run_span(inputs)
-            else:
-                out = await self._computed(self._run_span, inputs)
-        except (LpipesError, ValueError, RuntimeError) as exc:
+        except (LpipesError, ValueError) as exc:
             code = "bad_frame" if isinstance(exc, WireError) else type(exc).__name__
             await self._report(meta, code, str(exc))
             return
-        if len(meta.route) > 1:
-            nxt = meta.route[1]
-            tensors = {"hidden": out, "positions": positions}
-            if per_layer is not None:
-                tensors["per_layer"] = per_layer[:, hop.end - hop.start :].contiguous()
-            fwd = Frame(
-                MessageType.FORWARD,
-                {**frame.meta, "route": frame.meta["route"][1:]},  # frame.meta passed ForwardMeta
-                tensors,
-            )
+        keys = [f"{meta.origin}.{sid}" for sid in meta.sessions]
+        inputs = []
+        off = 0
+        for key, n in zip(keys, meta.lens):
+            ple = None if per_layer is None else per_layer[off : off + n, :n_here]
+            inputs.append(SequenceInput(key, hidden[off : off + n], positions[off : off + n], ple))
+            off += n
+        now = time.monotonic()
+        for key in keys:
+            self._sessions[key] = now
+        self._queue.append(_Job(frame, meta, inputs, positions, per_layer))
+        if not self._kick_pending and not self._batch_running:
+            # Not run here: every FORWARD already received in this loop iteration queues first, and
+            # the kick runs them as one batch.
+            self._kick_pending = True
+            asyncio.get_running_loop().call_soon(self._kick)
+
+    # ------------------------------------------------------------- peer batching
+    def _take_batch(self) -> list[_Job]:
+        """The longest prefix of the queue within ``PEER_BATCH_TOKENS`` (at least one job) whose
+        sessions are all distinct (a session's steps run in order)."""
+        batch: list[_Job] = []
+        seen: set[str] = set()
+        tokens = 0
+        while self._queue:
+            job = self._queue[0]
+            keys = {x.session_id for x in job.inputs}
+            if batch and (tokens + job.tokens > PEER_BATCH_TOKENS or keys & seen):
+                break
+            batch.append(self._queue.popleft())
+            seen |= keys
+            tokens += job.tokens
+        return batch
+
+    def _kick(self) -> None:
+        """Run the queued steps: a small batch right here on the loop thread when nothing else
+        computes (see ``INLINE_MAX_TOKENS``), else on the compute thread, batch after batch."""
+        self._kick_pending = False
+        if self._batch_running or not self._queue:
+            return
+        batch = self._take_batch()
+        if self._inline(sum(j.tokens for j in batch), self.span[1] - self.span[0]):
+            self._deliver(batch, self._run_batch(batch))
+            if self._queue and not self._kick_pending:
+                self._kick_pending = True
+                asyncio.get_running_loop().call_soon(self._kick)
+            return
+        self._batch_running = True
+        self._spawn(self._run_queue(batch))
+
+    async def _run_queue(self, batch: list[_Job]) -> None:
+        try:
+            while batch:
+                self._deliver(batch, await self._computed(self._run_batch, batch))
+                batch = self._take_batch()
+        finally:
+            self._batch_running = False
+
+    def _run_batch(self, batch: list[_Job]) -> list[torch.Tensor | BaseException]:
+        """Every job's output (its sessions' hidden states, concatenated), or the error it raised.
+        One executor call for the whole batch; if that fails, each job alone (so one bad session
+        fails only its own step)."""
+        self.batches += 1
+        self.batched_jobs += len(batch)
+        if len(batch) > 1:
             try:
-                await self.send(nxt.address, fwd)
-            except (TransportError, LpipesError) as exc:
-                await self._report(
-                    meta, "hop_failed", f"{nxt.node_id} unreachable: {exc}", failed=nxt.node_id
+                outs = self._run_span([x for j in batch for x in j.inputs])
+            except (LpipesError, ValueError, RuntimeError):
+                pass
+            else:
+                parts, off = [], 0
+                for j in batch:
+                    parts.append(outs[off : off + j.tokens])
+                    off += j.tokens
+                return parts
+        results: list[torch.Tensor | BaseException] = []
+        for j in batch:
+            try:
+                results.append(self._run_span(j.inputs))
+            except (LpipesError, ValueError, RuntimeError) as exc:
+                results.append(exc)
+        return results
+
+    def _deliver(self, batch: list[_Job], results: list[torch.Tensor | BaseException]) -> None:
+        """Send each job's output to its next hop (or its origin), or report its error."""
+        for job, out in zip(batch, results):
+            meta = job.meta
+            if isinstance(out, BaseException):
+                code = "bad_frame" if isinstance(out, WireError) else type(out).__name__
+                self._spawn(self._report(meta, code, str(out)))
+                continue
+            if len(meta.route) > 1:
+                nxt = meta.route[1]
+                tensors = {"hidden": out, "positions": job.positions}
+                if job.per_layer is not None:
+                    n_here = meta.route[0].end - meta.route[0].start
+                    tensors["per_layer"] = job.per_layer[:, n_here:].contiguous()
+                frame = Frame(
+                    MessageType.FORWARD,
+                    {**job.frame.meta, "route": job.frame.meta["route"][1:]},  # it passed ForwardMeta
+                    tensors,
                 )
+                self._post(nxt.address, frame, meta, failed=nxt.node_id)
+            else:
+                frame = Frame(
+                    MessageType.RESULT,
+                    {"step": meta.step, "sessions": meta.sessions, "lens": meta.lens},
+                    {"hidden": out},
+                )
+                self._post(meta.reply_to, frame, meta, failed=None)
+
+    def _post(self, address: str, frame: Frame, meta: ForwardMeta, failed: str | None) -> None:
+        """Send a step's frame now if the link has room, else from a task; a failure is reported to
+        the step's origin (a lost origin is only logged: nobody is left to tell)."""
+        try:
+            if self._send_now(address, frame):
+                return
+        except TransportError as exc:
+            self._spawn(self._post_failed(address, meta, failed, exc))
+            return
+        self._spawn(self._post_later(address, frame, meta, failed))
+
+    async def _post_later(self, address: str, frame: Frame, meta: ForwardMeta, failed: str | None) -> None:
+        try:
+            await self.send(address, frame)
+        except (TransportError, LpipesError) as exc:
+            await self._post_failed(address, meta, failed, exc)
+
+    async def _post_failed(self, address: str, meta: ForwardMeta, failed: str | None, exc: Exception) -> None:
+        if failed is None:
+            log.warning("cannot return step %d to origin %s: %s", meta.step, meta.origin, exc)
         else:
-            res = Frame(
-                MessageType.RESULT,
-                {"step": meta.step, "sessions": meta.sessions, "lens": meta.lens},
-                {"hidden": out},
-            )
-            try:
-                await self.send(meta.reply_to, res)
-            except (TransportError, LpipesError) as exc:
-                log.warning("cannot return step %d to origin %s: %s", meta.step, meta.origin, exc)
+            await self._report(meta, "hop_failed", f"{failed} unreachable: {exc}", failed=failed)
 
     def _inline(self, tokens: int, layers: int) -> bool:
         """Run this step on the loop thread (see ``INLINE_MAX_TOKENS``)?"""
@@ -565,7 +682,7 @@ class Node:
         outs = self.executor.forward(inputs)
         dt = time.perf_counter() - t0
         tokens = sum(x.hidden.shape[0] for x in inputs)
-        if tokens <= 16:  # decode-sized steps: what routing cares about
+        if tokens <= INLINE_MAX_TOKENS:  # decode-sized steps: what routing cares about
             n = max(1, self.span[1] - self.span[0])
             ms = dt * 1000.0 / n
             self.ms_per_layer = ms if self.ms_per_layer == 0 else 0.9 * self.ms_per_layer + 0.1 * ms

@@ -321,15 +321,19 @@ def test_metrics_and_status(server):
         "lpipes_active_sessions",
         "lpipes_kv_blocks_used",
         "lpipes_kv_blocks_total",
+        "lpipes_failovers_total",
     ):
         assert name in m, name
     assert m["lpipes_generation_tokens_total"] >= 3
+    assert m["lpipes_engine_steps_total"] >= 3 and m["lpipes_engine_step_sequences_total"] >= 3
     assert m["lpipes_time_to_first_token_seconds_count"] >= 1
     assert m["lpipes_inter_token_latency_seconds_count"] >= 2
     st = httpx.get(server.base + "/lpipes/status").json()
     assert st["node_id"] == "solo" and st["model"]["name"] == server.model
     assert st["stages"][0]["layers"] == [0, st["model"]["num_layers"]]
     assert st["stages"][0]["kv_blocks_total"] > 0 and st["requests"]["served"] >= 1
+    assert st["engine"]["steps"] >= 3 and st["engine"]["max_batch_seen"] >= 1
+    assert st["engine"]["failovers"] == 0 and st["engine"]["max_batch_tokens"] >= 1
 
 
 def test_config_written_by_init_is_served(start_server, tiny_checkpoint, tmp_path, free_port):

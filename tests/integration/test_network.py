@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
@@ -239,6 +240,68 @@ def test_three_peers_match_transformers(three, hf):
         extra_body={"ignore_eos": True},
     )
     assert "".join(c.choices[0].text for c in stream if c.choices) == text
+
+
+def test_concurrent_requests_match_alone_and_cancels_free_every_kv_block(three, hf):
+    """Concurrent greedy requests (different prompts and lengths) batch on every node and each gets
+    the tokens it gets alone (transformers); then a mixed load where some streams are dropped
+    mid-way leaves no KV block used on any node."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    base = three.api("origin")
+    jobs = [
+        ("The peer network", 12),
+        ("Hello there, how are you doing today, my friend?", 7),
+        ("a", 16),
+        ("Batching concurrent sessions' decode steps into one layer call", 9),
+        ("one two three four five six seven eight nine ten", 14),
+    ]
+    expected = [hf_greedy(hf, p, n)[1] for p, n in jobs]
+
+    def complete(job: tuple[str, int]) -> str:
+        prompt, n = job
+        reply = client(base).completions.create(
+            model="tiny-qwen3", prompt=prompt, temperature=0, max_tokens=n, extra_body={"ignore_eos": True}
+        )
+        return reply.choices[0].text
+
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        assert list(pool.map(complete, jobs)) == expected
+    engine = httpx.get(base + "/lpipes/status", timeout=10).json()["engine"]
+    assert engine["max_batch_seen"] > 1, engine
+
+    rng = random.Random(7)
+    plans = [rng.choice([None, 1, 3, 8]) for _ in range(8)]  # None: read to the end; k: drop after k chunks
+
+    def stream(i: int) -> int:
+        s = client(base).completions.create(
+            model="tiny-qwen3",
+            prompt=f"stream {i} " + "words " * rng.randint(1, 30),
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        n = 0
+        for _chunk in s:
+            n += 1
+            if plans[i] is not None and n >= plans[i]:
+                s.close()  # the client goes away: the server cancels the request
+                break
+        return n
+
+    with ThreadPoolExecutor(len(plans)) as pool:
+        list(pool.map(stream, range(len(plans))))
+    assert any(p is not None for p in plans) and any(p is None for p in plans)
+    deadline = time.monotonic() + 20
+    used: dict = {}
+    while time.monotonic() < deadline:
+        used = {p["node_id"]: p["kv_blocks_used"] for p in three.status("origin")["peers"]}
+        if set(used) == {"origin", "peer-a", "peer-b"} and not any(used.values()):
+            break
+        time.sleep(0.3)
+    assert set(used) == {"origin", "peer-a", "peer-b"} and not any(used.values()), used
 
 
 def test_status_json_lists_every_peer(three):

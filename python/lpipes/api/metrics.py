@@ -44,6 +44,17 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "lpipes_preemptions", "requests preempted for KV space (replayed later)", value=stats.preempted
         )
+        yield CounterMetricFamily(
+            "lpipes_failovers",
+            "steps whose network route failed (their requests were replayed over a new route)",
+            value=stats.failovers,
+        )
+        yield CounterMetricFamily("lpipes_engine_steps", "batched forward steps run", value=stats.steps)
+        yield CounterMetricFamily(
+            "lpipes_engine_step_sequences",
+            "sequences summed over all steps (divided by lpipes_engine_steps: the mean batch size)",
+            value=sum(k * v for k, v in stats.batch_sizes.items()),
+        )
 
 
 class Metrics:

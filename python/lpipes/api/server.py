@@ -299,6 +299,16 @@ class Service:
             },
             "stages": stages,
             "requests": {"active": st.active, "queued": st.queued, "served": st.served},
+            "engine": {
+                "steps": st.steps,
+                "tokens_generated": st.tokens_generated,
+                "max_batch_seen": max(st.batch_sizes, default=0),
+                "preempted": st.preempted,
+                "failovers": st.failovers,
+                "max_batch_size": self.engine.max_batch_size,
+                "max_batch_tokens": self.engine.max_batch_tokens,
+                "prefill_chunk_tokens": self.engine.prefill_chunk_tokens,
+            },
         }
 
 
