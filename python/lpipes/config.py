@@ -86,6 +86,7 @@ class ApiConfig(_Strict):
     max_queued_requests: Annotated[int, Field(ge=0)] = 64  # waiting beyond the batch; more get 503
     max_batch_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 2048  # tokens one step runs at most
     prefill_chunk_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 512  # prompt tokens per request a step
+    pipeline_depth: Annotated[int, Field(ge=1, le=16)] = 2  # networked origin: lanes of steps in flight
 
     @field_validator("listen")
     @classmethod
@@ -108,6 +109,7 @@ class ApiConfig(_Strict):
             "max_queued": self.max_queued_requests,
             "max_batch_tokens": self.max_batch_tokens,
             "prefill_chunk_tokens": self.prefill_chunk_tokens,
+            "pipeline_depth": self.pipeline_depth,
         }
 
 

@@ -899,6 +899,20 @@ class RemoteStage:
             return self.route
 
     def forward(self, inputs: Sequence[SequenceInput]) -> list[torch.Tensor]:
+        # The loop completes the step within step_timeout_s (heartbeats, timeout); the margin here only
+        # guards against a loop that stopped running.
+        wait_s = self.node.s.step_timeout_s + 4 * (HEARTBEAT_S + PING_TIMEOUT_S)
+        fut = self.forward_async(inputs)
+        try:
+            return fut.result(timeout=wait_s)
+        except concurrent.futures.TimeoutError:
+            with self._lock:
+                self.route = None
+            raise RouteFailedError(f"the node's event loop gave no answer within {wait_s:g} s") from None
+
+    def forward_async(self, inputs: Sequence[SequenceInput]) -> concurrent.futures.Future:
+        """Start the step on the node's loop; the future gets each session's output (the inputs'
+        dtype), or the :class:`RouteFailedError` that ended the step (the route is then dropped)."""
         loop = self.node.loop
         if loop is None:
             raise NoRouteError("the node's network is not running")
@@ -913,23 +927,26 @@ class RemoteStage:
             tensors["per_layer"] = torch.cat([x.per_layer for x in inputs]).contiguous()
         for sid in sessions:
             self._sessions[sid] = route
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        loop.call_soon_threadsafe(self.node.begin_step, route, sessions, lens, tensors, fut)
-        # The loop completes the step within step_timeout_s (heartbeats, timeout); the margin here only
-        # guards against a loop that stopped running.
-        wait_s = self.node.s.step_timeout_s + 4 * (HEARTBEAT_S + PING_TIMEOUT_S)
-        try:
-            hidden = fut.result(timeout=wait_s)
-        except concurrent.futures.TimeoutError:
-            with self._lock:
-                self.route = None
-            raise RouteFailedError(f"the node's event loop gave no answer within {wait_s:g} s") from None
-        except RouteFailedError:
-            with self._lock:
-                self.route = None
-            raise
         dtype = inputs[0].hidden.dtype
-        return [h.to(dtype) for h in hidden.split(lens)]
+        step: concurrent.futures.Future = concurrent.futures.Future()
+        out: concurrent.futures.Future = concurrent.futures.Future()
+
+        def done(f: concurrent.futures.Future) -> None:  # on the loop thread
+            exc = f.exception()
+            if exc is None:
+                try:
+                    out.set_result([h.to(dtype) for h in f.result().split(lens)])
+                except Exception as err:  # noqa: BLE001 - the waiting engine gets it
+                    out.set_exception(err)
+                return
+            if isinstance(exc, RouteFailedError):
+                with self._lock:
+                    self.route = None
+            out.set_exception(exc)
+
+        step.add_done_callback(done)
+        loop.call_soon_threadsafe(self.node.begin_step, route, sessions, lens, tensors, step)
+        return out
 
     def end_session(self, session_id: str) -> None:
         route = self._sessions.pop(session_id, None)

@@ -23,6 +23,7 @@ max_batch_size = 8
 max_queued_requests = 32
 max_batch_tokens = 1024
 prefill_chunk_tokens = 256
+pipeline_depth = 3
 
 [[models]]
 id = "Qwen/Qwen3-1.7B"
@@ -54,6 +55,7 @@ def test_every_key(tmp_path):
         "max_queued": 32,
         "max_batch_tokens": 1024,
         "prefill_chunk_tokens": 256,
+        "pipeline_depth": 3,
     }
     (m,) = cfg.models
     assert m.path == tmp_path / "models/qwen3" and m.source == str(tmp_path / "models/qwen3")

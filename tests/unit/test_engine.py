@@ -150,6 +150,70 @@ def test_long_prompt_does_not_stall_a_running_stream(model):
         engine.close()
 
 
+class ThreadedStage:
+    """A span run on its own thread: the shape of ``RemoteStage`` (``forward_async`` returns a future)
+    without a network, so the engine's lanes can be checked alone. Not a stand-in for the network:
+    tests/integration/test_network.py runs the same engine over real peers."""
+
+    def __init__(self, inner) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.inner, self.start, self.end = inner, inner.start, inner.end
+        self.pool = ThreadPoolExecutor(1)
+        self.lock = threading.Lock()
+        self.in_flight = self.most_in_flight = 0
+
+    def _run(self, inputs):
+        try:
+            return self.inner.forward(inputs)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def forward_async(self, inputs):
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return self.pool.submit(self._run, list(inputs))
+
+    def forward(self, inputs):
+        return self.forward_async(inputs).result()
+
+    def end_session(self, session_id: str) -> None:  # queued behind the steps, like END_SESSION
+        self.pool.submit(self.inner.end_session, session_id)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_pipeline_lanes_keep_steps_in_flight_and_the_same_tokens(model, depth):
+    """With an asynchronous last stage the engine keeps ``pipeline_depth`` lanes of requests
+    stepping independently (several steps in flight), and every request gets its one-at-a-time
+    tokens (also across chunked prompts and lanes of different sizes)."""
+    ref = build_local_generator(model, dtype="float16", executor="native")
+    prompts = _prompts(ref, 5)
+    params = [SamplingParams(max_tokens=6 + 3 * i, ignore_eos=True) for i in range(5)]
+    expected = [ref.generate_text(p, sp)[1] for p, sp in zip(prompts, params)]
+    gen = build_local_generator(model, split=[1], dtype="float16", executor="native")
+    remote = ThreadedStage(gen.stages[1])
+    gen.stages[1] = remote
+    engine = Engine(gen, max_batch_size=8, max_batch_tokens=16, prefill_chunk_tokens=6, pipeline_depth=depth)
+    try:
+        assert engine.pipeline_depth == depth
+        got = Collector(len(prompts))
+        engine.submit(
+            [GenerationRequest(p, sp, request_id=f"p{i}") for i, (p, sp) in enumerate(zip(prompts, params))],
+            got,
+        )
+        got.wait()
+        assert not got.errors
+        assert [got.tokens(f"p{i}") for i in range(len(prompts))] == expected
+        assert remote.most_in_flight == depth
+        assert all(c.blocks_used == 0 for c in engine.caches)
+    finally:
+        engine.close()
+        remote.pool.shutdown(wait=True)
+    assert remote.inner.cache.blocks_used == 0
+
+
 def test_sampled_requests_keep_their_seeded_streams(model):
     gen = build_local_generator(model, dtype="float32", executor="reference")
     prompts = _prompts(gen, 3)

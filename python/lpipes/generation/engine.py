@@ -21,6 +21,14 @@ each step the worker
    the LM head runs once for the batch, and not for a prompt chunk before the prompt's last)
    and hands each request's :class:`~lpipes.generation.loop.TokenEvent` to its callback.
 
+**Pipelining.** When the last stage is a network route (``RemoteStage``), the running requests are
+split into ``pipeline_depth`` *lanes* (each new request joins the smallest), and each lane steps on
+its own: while one lane's step travels the route, the worker samples another lane's tokens and runs
+the next lane's local span, so the origin and the layer peers compute at the same time and no
+request waits for another lane's sampling. Every step above (cancel, preempt, admit, plan) then
+applies to one lane when it is between steps; a request in a lane whose step is in flight is only
+cancelled or preempted once that step is back. Without a network route there is one lane.
+
 A request whose prompt plus ``max_tokens`` cannot fit a stage's whole pool is refused
 at submission (:attr:`Engine.context_length` already accounts for it), so preemption
 always makes progress. A full queue refuses new submissions with :class:`EngineBusyError`.
@@ -36,7 +44,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from lpipes.errors import LpipesError, RouteFailedError
-from lpipes.generation.loop import GenerationRequest, Generator, RequestState, TokenEvent
+from lpipes.generation.loop import GenerationRequest, Generator, PendingStep, RequestState, TokenEvent
 from lpipes.runtime.paged import PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -70,6 +78,7 @@ class _Entry:
     callback: Callback
     pending: list[int]  # tokens not yet run through the layers
     step_tokens: int = 0  # how many of them this step runs (0: sits this step out)
+    lane: int = 0
     preempted: int = 0
     failovers: int = 0
 
@@ -90,6 +99,16 @@ class EngineStats:
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
 
+@dataclass
+class _Lane:
+    """Requests that step together; each lane has at most one step in flight."""
+
+    index: int
+    entries: list[_Entry] = field(default_factory=list)  # admission order
+    step: PendingStep | None = None
+    batch: list[_Entry] = field(default_factory=list)  # the entries of the step in flight
+
+
 def _paged_caches(generator: Generator) -> list[PagedKVCache]:
     return [c for s in generator.stages if isinstance(c := getattr(s, "cache", None), PagedKVCache)]
 
@@ -105,6 +124,8 @@ class Engine:
         max_batch_tokens: most tokens one step runs (decodes count one each); at least
             ``max_batch_size`` so that a prefill always progresses.
         prefill_chunk_tokens: most prompt tokens of one request in one step.
+        pipeline_depth: lanes of requests with a step in flight at once when the last stage is a
+            network route (else 1).
     """
 
     def __init__(
@@ -115,6 +136,7 @@ class Engine:
         max_queued: int = 64,
         max_batch_tokens: int = 2048,
         prefill_chunk_tokens: int = 512,
+        pipeline_depth: int = 2,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
@@ -122,6 +144,8 @@ class Engine:
             raise ValueError(f"max_queued must be at least 0, got {max_queued}")
         if prefill_chunk_tokens < 1:
             raise ValueError(f"prefill_chunk_tokens must be at least 1, got {prefill_chunk_tokens}")
+        if pipeline_depth < 1:
+            raise ValueError(f"pipeline_depth must be at least 1, got {pipeline_depth}")
         if max_batch_tokens < max_batch_size:
             raise ValueError(
                 f"max_batch_tokens ({max_batch_tokens}) must be at least max_batch_size ({max_batch_size})"
@@ -131,6 +155,8 @@ class Engine:
         self.max_queued = max_queued
         self.max_batch_tokens = max_batch_tokens
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.pipeline_depth = pipeline_depth if generator.has_async_stage else 1
+        self._lanes = [_Lane(i) for i in range(self.pipeline_depth)]
         self.caches = _paged_caches(generator)
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -243,38 +269,50 @@ class Engine:
                 budget -= n
         return [(e, counts[id(e)]) for e in entries]
 
-    def _schedule(self) -> list[_Entry]:
-        """Pick this step's batch and set each entry's ``step_tokens`` (called with the lock held)."""
+    def _remove(self, e: _Entry) -> None:
+        self._running.remove(e)
+        self._lanes[e.lane].entries.remove(e)
+
+    def _schedule(self, lane: _Lane) -> list[_Entry]:
+        """Pick ``lane``'s next batch and set each entry's ``step_tokens`` (lock held, lane idle)."""
         if self._cancel:
-            for e in [e for e in self._running if e.rid in self._cancel]:
-                self._running.remove(e)
+            for e in [e for e in lane.entries if e.rid in self._cancel]:
+                self._remove(e)
                 self._finish(e, RequestCancelled(f"request {e.rid} was cancelled"), running=True)
             for e in [e for e in self._waiting if e.rid in self._cancel]:
                 self._waiting.remove(e)
                 self._finish(e, RequestCancelled(f"request {e.rid} was cancelled"), running=False)
-            self._cancel.clear()
-        # Running requests first; preempt the newest until their next tokens fit.
-        while self._running and not self._fits(self._plan(self._running)):
-            victim = self._running.pop()
+            # Requests of lanes with a step in flight stay marked until that step is back.
+            self._cancel &= {e.rid for e in self._running}
+        # The lane's requests first; preempt its newest until their next tokens fit.
+        while lane.entries and not self._fits(self._plan(lane.entries)):
+            victim = lane.entries[-1]
+            self._remove(victim)
             self.generator.end_session(victim.rid, missing_ok=True)
             victim.pending = list(victim.state.history)
             victim.preempted += 1
             self.stats.preempted += 1
             self._waiting.appendleft(victim)
             log.info("preempted %s (KV pool full); it will be replayed", victim.rid)
-        # Admit while the batch has room, the budget has tokens left and the whole prompt fits the pools.
+        # Admit while the batch has room, this lane is (one of) the smallest, the budget has tokens
+        # left and the whole prompt fits the pools.
         while self._waiting and len(self._running) < self.max_batch_size:
-            plan = self._plan([*self._running, self._waiting[0]])
+            if len(lane.entries) > min(len(x.entries) for x in self._lanes):
+                break
+            plan = self._plan([*lane.entries, self._waiting[0]])
             if plan[-1][1] == 0:
                 break
             head = self._waiting[0]
             if not self._fits([*plan[:-1], (head, len(head.pending))]):
                 break
-            self._running.append(self._waiting.popleft())
+            e = self._waiting.popleft()
+            e.lane = lane.index
+            self._running.append(e)
+            lane.entries.append(e)
         self.stats.active = len(self._running)
         self.stats.queued = len(self._waiting)
         batch = []
-        for e, n in self._plan(self._running):
+        for e, n in self._plan(lane.entries):
             e.step_tokens = n
             if n:
                 batch.append(e)
@@ -290,7 +328,7 @@ class Engine:
             for e in reversed(batch):
                 if e not in self._running:
                     continue
-                self._running.remove(e)
+                self._remove(e)
                 e.failovers += 1
                 if e.failovers > MAX_FAILOVERS:
                     self._finish(e, exc, running=True)
@@ -301,61 +339,105 @@ class Engine:
             self.stats.active = len(self._running)
             self.stats.queued = len(self._waiting)
 
-    def _work(self) -> None:
+    def _fail_batch(self, batch: list[_Entry], exc: BaseException) -> None:
+        log.error("a batched step failed; failing its %d requests", len(batch), exc_info=exc)
+        with self._cv:
+            for e in batch:
+                if e in self._running:
+                    self._remove(e)
+                self._finish(e, exc, running=True)
+
+    def _notify(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _has_work(self) -> bool:
+        for lane in self._lanes:
+            if lane.step is not None:
+                if lane.step.done():
+                    return True
+            elif lane.entries or self._waiting or self._cancel:
+                return True
+        return False
+
+    def _start(self, lane: _Lane, batch: list[_Entry]) -> None:
+        """Run the batch's local stages and start its remote one (if any)."""
+        rids = [e.rid for e in batch]
+        starts = [len(e.state.history) - len(e.pending) for e in batch]
+        chunks = [e.pending[: e.step_tokens] for e in batch]
+        last = [e.step_tokens == len(e.pending) for e in batch]
+        try:
+            step = self.generator.begin_forward(rids, chunks, starts, last_only=True, logits_for=last)
+        except RouteFailedError as exc:
+            self._failover(batch, exc)
+            return
+        except BaseException as exc:  # noqa: BLE001 - every request of the step gets the error
+            self._fail_batch(batch, exc)
+            return
+        lane.step, lane.batch = step, batch
+        step.add_done_callback(self._notify)
+
+    def _complete(self, lane: _Lane) -> None:
+        """Finish the lane's step: LM head, sampling, events."""
+        step, batch = lane.step, lane.batch
+        lane.step, lane.batch = None, []
+        assert step is not None
+        try:
+            logits = step.result()
+        except RouteFailedError as exc:
+            self._failover(batch, exc)
+            return
+        except BaseException as exc:  # noqa: BLE001 - every request of the step gets the error
+            self._fail_batch(batch, exc)
+            return
+        self.stats.steps += 1
+        self.stats.batch_sizes[len(batch)] += 1
         gen = self.generator
+        for e, lg in zip(batch, logits):
+            if lg is None:  # a prompt chunk before the last: no token yet
+                e.pending = e.pending[e.step_tokens :]
+                continue
+            try:
+                event = gen.advance(e.state, lg[-1])
+            except BaseException as exc:  # noqa: BLE001
+                with self._cv:
+                    self._remove(e)
+                    self._finish(e, exc, running=True)
+                continue
+            self.stats.tokens_generated += 1
+            if event.finish_reason is not None:
+                with self._cv:
+                    self._remove(e)
+                    self.stats.served += 1
+                    self._finish(e, event, running=True)
+            else:
+                e.pending = [event.token]
+                e.failovers = 0
+                e.callback(event)
+
+    def _work(self) -> None:
+        stalled = False
         while True:
             with self._cv:
-                while not self._stopping and not self._cancel and not self._running and not self._waiting:
-                    self._cv.wait()
-                batch = self._schedule()
-                if self._stopping and not self._running and not self._waiting:
-                    return
-            if not batch:
-                # Nothing fits although nothing runs: cannot happen for admitted requests (submit checks
-                # them against the whole pool), but never spin.
-                with self._cv:
+                if stalled:  # nothing could be scheduled last round (no KV room): do not spin
                     self._cv.wait(0.05)
-                continue
-            rids = [e.rid for e in batch]
-            starts = [len(e.state.history) - len(e.pending) for e in batch]
-            chunks = [e.pending[: e.step_tokens] for e in batch]
-            last = [e.step_tokens == len(e.pending) for e in batch]
-            try:
-                logits = gen.forward(rids, chunks, starts, last_only=True, logits_for=last)
-            except RouteFailedError as exc:
-                self._failover(batch, exc)
-                continue
-            except BaseException as exc:  # noqa: BLE001 - every request of the step gets the error
-                log.exception("a batched step failed; failing its %d requests", len(batch))
-                with self._cv:
-                    for e in batch:
-                        if e in self._running:
-                            self._running.remove(e)
-                        self._finish(e, exc, running=True)
-                continue
-            self.stats.steps += 1
-            self.stats.batch_sizes[len(batch)] += 1
-            for e, lg in zip(batch, logits):
-                if lg is None:  # a prompt chunk before the last: no token yet
-                    e.pending = e.pending[e.step_tokens :]
-                    continue
-                try:
-                    event = gen.advance(e.state, lg[-1])
-                except BaseException as exc:  # noqa: BLE001
+                while not self._has_work():
+                    if self._stopping and all(lane.step is None for lane in self._lanes):
+                        if not self._running and not self._waiting:
+                            return
+                    self._cv.wait()
+            progressed = False
+            for lane in self._lanes:
+                if lane.step is not None and lane.step.done():
+                    self._complete(lane)
+                    progressed = True
+                if lane.step is None:
                     with self._cv:
-                        self._running.remove(e)
-                        self._finish(e, exc, running=True)
-                    continue
-                self.stats.tokens_generated += 1
-                if event.finish_reason is not None:
-                    with self._cv:
-                        self._running.remove(e)
-                        self.stats.served += 1
-                        self._finish(e, event, running=True)
-                else:
-                    e.pending = [event.token]
-                    e.failovers = 0
-                    e.callback(event)
+                        batch = self._schedule(lane)
+                    if batch:
+                        self._start(lane, batch)
+                        progressed = True
+            stalled = not progressed
 
 
 __all__ = ["Callback", "Engine", "EngineBusyError", "EngineStats", "RequestCancelled", "RequestTooLargeError"]

@@ -10,8 +10,9 @@ pass per step.
 
 from __future__ import annotations
 
+import concurrent.futures
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -34,6 +35,33 @@ class Stage(Protocol):
     def forward(self, inputs: Sequence[SequenceInput]) -> list[torch.Tensor]: ...
 
     def end_session(self, session_id: str) -> None: ...
+
+
+class PendingStep:
+    """A forward pass in flight: its last stage runs elsewhere (a network route, see
+    ``RemoteStage.forward_async``) while the caller goes on. :meth:`result` waits and runs the LM head."""
+
+    def __init__(
+        self,
+        remote: concurrent.futures.Future | None,
+        finish: Callable[[list[torch.Tensor] | None], list[torch.Tensor | None]],
+    ) -> None:
+        self.remote = remote
+        self._finish = finish
+
+    def done(self) -> bool:
+        return self.remote is None or self.remote.done()
+
+    def add_done_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` (from any thread) once :meth:`result` will not block."""
+        if self.remote is None:
+            fn()
+        else:
+            self.remote.add_done_callback(lambda _f: fn())
+
+    def result(self) -> list[torch.Tensor | None]:
+        """The step's logits (as :meth:`Generator.forward`); raises what the remote stage raised."""
+        return self._finish(None if self.remote is None else self.remote.result())
 
 
 @dataclass
@@ -108,6 +136,28 @@ class Generator:
         weights for the whole batch), and ``logits_for`` (one flag per session) skips the head for
         sessions that need no logits this step (a prefill chunk before the prompt's last): None there.
         """
+        return self.begin_forward(
+            session_ids, token_ids, start_positions, last_only=last_only, logits_for=logits_for
+        ).result()
+
+    @property
+    def has_async_stage(self) -> bool:
+        """True if the last stage can run while the caller goes on (see :meth:`begin_forward`)."""
+        return bool(self.stages) and hasattr(self.stages[-1], "forward_async")
+
+    def begin_forward(
+        self,
+        session_ids: Sequence[str],
+        token_ids: Sequence[Sequence[int]],
+        start_positions: Sequence[int],
+        *,
+        last_only: bool = False,
+        logits_for: Sequence[bool] | None = None,
+    ) -> PendingStep:
+        """:meth:`forward` in two halves: embed and run every stage here, except a last stage with
+        ``forward_async`` (a network route), which is only started; ``result()`` of the returned
+        step waits for it and runs the LM head. Between the halves the caller may start other
+        sessions' steps (pipelining them through the route)."""
         em = self.end_model
         inputs = []
         ple_all = []
@@ -117,11 +167,28 @@ class Generator:
             ple_all.append(em.per_layer_inputs(ids_t, hidden))
             positions = torch.arange(start, start + len(ids), dtype=torch.int64)
             inputs.append(SequenceInput(sid, hidden, positions))
-        for stage in self.stages:
+        remote = None
+        for i, stage in enumerate(self.stages):
             for x, ple in zip(inputs, ple_all):
                 x.per_layer = None if ple is None else ple[:, stage.start : stage.end]
+            if i == len(self.stages) - 1 and hasattr(stage, "forward_async"):
+                remote = stage.forward_async(inputs)
+                break
             outputs = stage.forward(inputs)
             inputs = [SequenceInput(x.session_id, h, x.positions) for x, h in zip(inputs, outputs)]
+
+        def finish(outputs: list[torch.Tensor] | None) -> list[torch.Tensor | None]:
+            xs = inputs
+            if outputs is not None:
+                xs = [SequenceInput(x.session_id, h, x.positions) for x, h in zip(inputs, outputs)]
+            return self._logits(xs, last_only, logits_for)
+
+        return PendingStep(remote, finish)
+
+    def _logits(
+        self, inputs: list[SequenceInput], last_only: bool, logits_for: Sequence[bool] | None
+    ) -> list[torch.Tensor | None]:
+        em = self.end_model
         if not last_only:
             return [em.logits(x.hidden) for x in inputs]
         wanted = [True] * len(inputs) if logits_for is None else list(logits_for)
