@@ -1,10 +1,12 @@
 // AVX2 + FMA + F16C variant of the CPU kernels. Compiled with -mavx2 -mfma -mf16c; only ever called
 // through the dispatch in csrc/kernels/kernels.cpp after the CPU was checked.
 //
-// Same structure as the AVX-512 variant with 8-lane registers: a streaming GEMV for few x rows,
-// and for more rows W^T packed per (KC x 16) micro-panel (8x8 in-register transposes) feeding a
-// 6x16 micro-kernel (12 ymm accumulators + 2 panel registers + 1 broadcast = 15 of 16 registers).
+// Same structure as the AVX-512 variant with 8-lane registers: a streaming GEMV for few x rows, and
+// for more rows tiles of 4 x rows over L2-sized blocks of W rows with the same per-row kernel (every
+// output summed in one fixed order: batch invariance).
 #include <immintrin.h>
+
+#include <algorithm>
 
 #include "kernels/kernels_impl.h"
 
@@ -70,157 +72,31 @@ static void gemv(const float* x, int64_t K, const f16_t* W, const float* bias, f
 }
 
 // ---------------------------------------------------------------------------------------------------
-// GEMM: packed W^T micro-panels and a 6x16 micro-kernel.
+// Any number of x rows: tiles of up to 4 rows against blocks of W rows small enough to stay in L2
+// while every tile passes over them. Each output is still one gemv_row dot product, so y[m, n] is
+// summed in the same order whatever M is and however the rows are split between threads: a
+// sequence gets bit-identical results alone and batched with others (batch invariance; a packed
+// outer-product GEMM, 10-25 % faster on prefill, summed in another order and changed greedy tokens
+// at near-ties once batched).
 // ---------------------------------------------------------------------------------------------------
-constexpr int kMR = 6;
-constexpr int kNR = 16;
-constexpr int64_t kKC = 256;
-constexpr int64_t kNC = 16 * kNR;
-
-// 8x8 transpose: r[i] holds row i on entry and column i on return.
-static inline void transpose8(__m256 r[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
-
-// Bp[k * 16 + c] = W[c, k] for k < kc, c < nr (zero for c >= nr). W points at W[j0, k0]; ldw = K.
-static void pack_panel(const f16_t* W, int64_t ldw, int64_t nr, int64_t kc, float* Bp) {
-  for (int64_t c0 = 0; c0 < kNR; c0 += 8) {
-    const int64_t rows = nr - c0 < 0 ? 0 : (nr - c0 > 8 ? 8 : nr - c0);
-    if (rows == 0) {
-      for (int64_t k = 0; k < kc; ++k) _mm256_store_ps(Bp + k * kNR + c0, _mm256_setzero_ps());
-      continue;
-    }
-    const f16_t* w = W + c0 * ldw;
-    for (int64_t k = 0; k < kc; k += 8) {
-      const int64_t kk = kc - k < 8 ? kc - k : 8;
-      __m256 r[8];
-      if (kk == 8 && rows == 8) {
-#pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) r[i] = cvt_h(w + i * ldw + k);
-      } else {
-        for (int i = 0; i < 8; ++i) r[i] = i < rows ? vload_h_n(w + i * ldw + k, kk) : _mm256_setzero_ps();
-      }
-      transpose8(r);
-      if (kk == 8) {
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) _mm256_store_ps(Bp + (k + j) * kNR + c0, r[j]);
-      } else {
-        for (int j = 0; j < kk; ++j) _mm256_store_ps(Bp + (k + j) * kNR + c0, r[j]);
-      }
-    }
-  }
-}
-
-// C[0:MR, 0:nr] (+)= A[0:MR, 0:kc] · Bp[0:kc, 0:16] (+ bias). A rows are lda apart.
-template <int MR>
-static void micro_kernel(int64_t kc, const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc,
-                         int64_t nr, bool load_c, const float* bias) {
-  __m256 c0[MR], c1[MR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) c0[m] = c1[m] = _mm256_setzero_ps();
-  const float* a[MR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) a[m] = A + m * lda;
-  for (int64_t k = 0; k < kc; ++k) {
-    const __m256 b0 = _mm256_load_ps(Bp + k * kNR), b1 = _mm256_load_ps(Bp + k * kNR + 8);
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const __m256 av = _mm256_broadcast_ss(a[m] + k);
-      c0[m] = _mm256_fmadd_ps(av, b0, c0[m]);
-      c1[m] = _mm256_fmadd_ps(av, b1, c1[m]);
-    }
-  }
-  const int64_t nr0 = nr > 8 ? 8 : nr, nr1 = nr > 8 ? nr - 8 : 0;
-  if (nr == kNR) {
-    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
-    if (bias) {
-      bias0 = _mm256_loadu_ps(bias);
-      bias1 = _mm256_loadu_ps(bias + 8);
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      float* c = C + m * ldc;
-      __m256 v0 = _mm256_add_ps(c0[m], bias0), v1 = _mm256_add_ps(c1[m], bias1);
-      if (load_c) {
-        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(c));
-        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(c + 8));
-      }
-      _mm256_storeu_ps(c, v0);
-      _mm256_storeu_ps(c + 8, v1);
-    }
-  } else {
-    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
-    if (bias) {
-      bias0 = vload_n(bias, nr0);
-      bias1 = vload_n(bias + 8, nr1);
-    }
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      float* c = C + m * ldc;
-      __m256 v0 = _mm256_add_ps(c0[m], bias0), v1 = _mm256_add_ps(c1[m], bias1);
-      if (load_c) {
-        v0 = _mm256_add_ps(v0, vload_n(c, nr0));
-        v1 = _mm256_add_ps(v1, vload_n(c + 8, nr1));
-      }
-      vstore_n(c, v0, nr0);
-      vstore_n(c + 8, v1, nr1);
-    }
-  }
-}
-
-using micro_kernel_fn = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, int64_t, bool,
-                                 const float*);
-constexpr micro_kernel_fn kMicroKernels[kMR + 1] = {nullptr,          micro_kernel<1>, micro_kernel<2>,
-                                                    micro_kernel<3>,  micro_kernel<4>, micro_kernel<5>,
-                                                    micro_kernel<6>};
-
-static void gemm(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                 bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  alignas(64) float Bp[kKC * kNR];
-  for (int64_t nc0 = n0; nc0 < n1; nc0 += kNC) {
-    const int64_t nc1 = imin(nc0 + kNC, n1);
-    for (int64_t k0 = 0; k0 < K; k0 += kKC) {
-      const int64_t kc = imin(kKC, K - k0);
-      const bool first = k0 == 0;
-      for (int64_t j0 = nc0; j0 < nc1; j0 += kNR) {
-        const int64_t nr = imin(kNR, nc1 - j0);
-        pack_panel(W + j0 * K + k0, K, nr, kc, Bp);
-        const float* b = first && bias ? bias + j0 : nullptr;
-        const bool load_c = !first || accumulate;
-        int64_t i0 = m0;
-        for (; i0 + kMR <= m1; i0 += kMR)
-          micro_kernel<kMR>(kc, x + i0 * K + k0, K, Bp, y + i0 * ldy + j0, ldy, nr, load_c, b);
-        if (i0 < m1) kMicroKernels[m1 - i0](kc, x + i0 * K + k0, K, Bp, y + i0 * ldy + j0, ldy, nr, load_c, b);
-      }
-    }
-  }
-}
-
-constexpr int64_t kSkinnyRows = 4;
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kBlockWBytes = int64_t{192} << 10;
 
 }  // namespace
 
 void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
                  bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (m1 - m0 <= kSkinnyRows) {
+  if (m1 - m0 <= kTileRows) {
     gemv(x + m0 * K, K, W, bias, y + m0 * ldy, ldy, accumulate, m1 - m0, n0, n1);
-  } else {
-    gemm(x, K, W, bias, y, ldy, accumulate, m0, m1, n0, n1);
+    return;
+  }
+  const int64_t block = std::max<int64_t>(1, kBlockWBytes / (2 * K));
+  for (int64_t b0 = n0; b0 < n1; b0 += block) {
+    const int64_t b1 = std::min(n1, b0 + block);
+    for (int64_t m = m0; m < m1; m += kTileRows) {
+      const int64_t rows = std::min(kTileRows, m1 - m);
+      gemv(x + m * K, K, W, bias, y + m * ldy, ldy, accumulate, rows, b0, b1);
+    }
   }
 }
 

@@ -165,8 +165,8 @@ void linear_f16(const float* x, int64_t M, int64_t K, const f16_t* W, int64_t N,
     pool().run(job);
     return;
   }
-  // GEMM: split N (W rows) between threads, so each packs and streams its own part of W once. With
-  // too few columns for every thread, split M as well (a grid tm x tn of tiles).
+  // More rows: split N (W rows) between threads, so each streams its own part of W once. With too few
+  // columns for every thread, split M as well (a grid tm x tn of tiles).
   const int64_t n_units = (N + kNSplitUnit - 1) / kNSplitUnit;
   const int64_t unit = kNSplitUnit;
   const int tn = static_cast<int>(std::min<int64_t>(nt, n_units));

@@ -17,7 +17,7 @@ namespace lpipes {
 // One declaration list, stamped into each variant's namespace.
 #define LPIPES_KERNEL_VARIANT_API                                                                         \
   /* y[m0:m1, n0:n1] of y[M, N] = x[M, K] · W[N, K]^T (+ bias) (+ y). ldy = N. Rows m0..m1 of x, */       \
-  /* rows n0..n1 of W. Picks the streaming GEMV path for few rows and the packed GEMM otherwise. */      \
+  /* rows n0..n1 of W. Every output summed in the variant's one order (batch invariance).       */      \
   void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,  \
                    bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1);                     \
   /* rows [m0, m1) of rms_norm. */                                                                       \

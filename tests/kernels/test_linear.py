@@ -1,8 +1,9 @@
 """linear_f16 (fp16 weights, fp32 activations and accumulation) against an fp32 torch reference.
 
-Covers every kernel path: the streaming GEMV (M <= 4), the unpacked few-row kernel (M <= 24) and the
-packed GEMM (larger M, with K and N blocking), with awkward sizes (K not a multiple of 16/32, N not a
-multiple of any tile), bias, accumulate, the thread split over N and over M, and argument checks.
+Covers every kernel path: the streaming GEMV (M <= 4) and the tiled kernel for more rows (tiles of 4
+x rows over blocks of W rows, W rows 3 at a time on AVX-512), with awkward sizes (K not a multiple of
+16/32, N not a multiple of any tile), bias, accumulate, the thread split over N and over M, batch
+invariance (a row's output is bit-identical whatever the other rows are), and argument checks.
 """
 
 from __future__ import annotations
@@ -59,10 +60,9 @@ def make(M, K, N, seed=0):
     return x, w, bias, out0
 
 
-# (M, K, N). M: streaming GEMV 1..4, unpacked few-row kernel 5..24 (AVX-512), packed GEMM above (with
-# remainder tiles). K: 1, 3, 17, 111 and 1000+ (not multiples of 16/32; > 256 crosses the packed
-# K-block). N: not multiples of the 16/32-wide tiles, > 384 crosses the N-block; small N with many rows
-# makes the threads split M instead of N.
+# (M, K, N). M: streaming GEMV 1..4, tiles of 4 rows above (with remainder tiles). K: 1, 3, 17, 111
+# and 1000+ (not multiples of 16/32). N: not multiples of any tile; 1029 rows of K = 1037 cross the
+# L2 block of W rows; small N with many rows makes the threads split M instead of N.
 SHAPES = [
     (1, 1, 1),
     (1, 3, 17),
@@ -134,8 +134,24 @@ def test_thread_count_does_not_matter(isa, M, K, N):
         _C.set_num_threads(before)
     assert_close_linear(one, x, w, bias)
     assert_close_linear(three, x, w, bias)
-    if M <= 4:  # the GEMV computes every output the same way whatever thread takes its slice
-        assert torch.equal(one, three)
+    assert torch.equal(one, three)  # every output is summed the same way whatever thread computes it
+
+
+@pytest.mark.parametrize("K,N", [(1037, 131), (64, 40), (3072, 7)])
+def test_batch_invariant(isa, K, N):
+    """Each row's output is bit-identical alone (M = 1) and in batches of every size and offset, with
+    1 or 3 threads: a sequence's tokens do not depend on what it is batched with."""
+    x, w, bias, _ = make(41, K, N, seed=13)
+    alone = torch.cat([kernels.linear(x[i : i + 1], w, bias, isa=isa) for i in range(41)])
+    before = _C.num_threads()
+    try:
+        for threads in (1, 3):
+            _C.set_num_threads(threads)
+            for start, M in [(0, 2), (1, 3), (0, 4), (2, 5), (3, 8), (0, 13), (5, 24), (0, 41)]:
+                got = kernels.linear(x[start : start + M], w, bias, isa=isa)
+                assert torch.equal(got, alone[start : start + M]), (threads, start, M)
+    finally:
+        _C.set_num_threads(before)
 
 
 def test_exact_on_small_integers(isa):

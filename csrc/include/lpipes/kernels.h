@@ -20,8 +20,9 @@ const char* isa_name(isa_t isa);
 
 // y[M, N] = x[M, K] · W[N, K]^T (+ bias[N]) (+ y, when accumulate: the residual add).
 //   x: fp32, W: fp16 (a torch nn.Linear weight, [out_features, in_features]), bias: fp32 or null.
-//   M = 1 is the decode GEMV (memory-bound: W is streamed once); small M (prefill chunks) packs
-//   W tiles to fp32 once and reuses them across the M rows.
+//   M = 1 is the decode GEMV (memory-bound: W is streamed once); more rows pass in tiles over
+//   L2-sized blocks of W. Batch invariant: y[m, n] is summed in one fixed order (per variant) for
+//   every M, row offset and thread count, so a row's result never depends on the other rows.
 void linear_f16(const float* x, int64_t M, int64_t K, const f16_t* W, int64_t N, const float* bias, float* y,
                 bool accumulate, isa_t isa = isa_t::automatic);
 
