@@ -37,9 +37,9 @@ same run) from the medians and, in ``paired``, the median of the per-round ratio
 configurations ran seconds apart: steadier on a drifting machine); the per-hop overhead
 (ms/token(k procs) - ms/token(1 proc)) / k. Targets: >= 0.95 for 3 procs, <= 0.3 ms per hop; they are
 printed, not asserted. The greedy text of the S+N request must be identical in every round and
-configuration of a model (same fp16 kernels; hidden states cross the wire in fp16): a mismatch is
-printed loudly and makes the exit status 1. Every started process is killed by PID at the end, also on
-errors.
+configuration of a model (batch-invariant fp16 kernels; the fp32 residual stream crosses the wire):
+a mismatch is printed loudly and makes the exit status 1. Every started process is killed by PID at
+the end, also on errors.
 
 Threads: every process gets ``LPIPES_NUM_THREADS`` (lpipes' kernel thread pool) and ``OMP_NUM_THREADS``
 (torch) = ``--threads``; default 1 for every process of every configuration, so the 6 processes never
@@ -568,5 +568,11 @@ def main() -> int:
     return 1 if problems else 0
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``kill``, a CI timeout) unwinds like Ctrl-C, so every started server is still killed."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 if __name__ == "__main__":
+    exit_on_sigterm()
     raise SystemExit(main())

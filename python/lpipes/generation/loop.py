@@ -165,6 +165,11 @@ class Generator:
             ids_t = torch.tensor(list(ids), dtype=torch.int64)
             hidden = em.embed(ids_t)
             ple_all.append(em.per_layer_inputs(ids_t, hidden))
+            # The residual stream travels between stages in float32 (exact for fp16/bf16 embeddings):
+            # native spans keep it in float32 inside, so a model cut into spans (in one process or
+            # over the network) computes exactly what the uncut model does. Reference spans cast it
+            # to their own dtype.
+            hidden = hidden.float()
             positions = torch.arange(start, start + len(ids), dtype=torch.int64)
             inputs.append(SequenceInput(sid, hidden, positions))
         remote = None

@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import ssl
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 ALPN = "lpipes/1"
 DEFAULT_TIMEOUT_S = 30.0
 HANDSHAKE_TIMEOUT_S = 10.0
+REFUSAL_LOG_INTERVAL_S = 60.0  # refused peers are warned of once per host per this many seconds
 
 
 class TransportError(LpipesError, ConnectionError):
@@ -182,6 +185,7 @@ class PeerServer:
         self._tasks: set[asyncio.Task] = set()
         self.address: tuple[str, int] | None = None
         self.refused = 0  # connections dropped for failing authentication
+        self._refusals_logged: dict[str, float] = {}  # peer host -> when its refusal was last warned of
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         cfg = quic_configuration(is_client=False, cert=self.cert)
@@ -246,7 +250,7 @@ class PeerServer:
                     await write_frame(writer, reply, self.limits)
         except (AuthError, TimeoutError) as exc:
             self.refused += 1
-            log.warning("refusing a peer: %s", exc)
+            self._log_refusal(protocol, exc)
             with contextlib.suppress(Exception):
                 await write_frame(writer, error_frame("unauthenticated", str(exc)), self.limits)
             # Close once the ERROR frame had a moment to leave; nothing else is read meanwhile.
@@ -257,6 +261,20 @@ class PeerServer:
         finally:
             with contextlib.suppress(Exception):
                 writer.write_eof()
+
+    def _log_refusal(self, protocol: Any, exc: BaseException) -> None:
+        """A warning per peer host every ``REFUSAL_LOG_INTERVAL_S`` (a misconfigured node retries
+        every gossip round); the rest at debug level."""
+        addr = _quic.peer_address(protocol)
+        host = addr[0] if addr else "?"
+        now = time.monotonic()
+        if now - self._refusals_logged.get(host, -math.inf) < REFUSAL_LOG_INTERVAL_S:
+            log.debug("refusing a peer at %s: %s", host, exc)
+            return
+        if len(self._refusals_logged) > 1024:
+            self._refusals_logged.clear()
+        self._refusals_logged[host] = now
+        log.warning("refusing a peer at %s: %s (%d refused so far)", host, exc, self.refused)
 
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: Any, conn: _Conn
