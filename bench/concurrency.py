@@ -218,46 +218,32 @@ def run_threads(
     from lpipes.config import load_config
 
     info: dict[str, dict] = {}
-    with contextlib.ExitStack() as stack:
-        clusters: dict[str, Cluster] = {}
-        try:
-            for k in procs:
-                key = f"{k} proc{'s' if k > 1 else ''}/{threads}t"
-                tmp = stack.enter_context(
-                    tempfile.TemporaryDirectory(prefix=f"lpipes-bench-concurrency-{k}-")
+    # Clusters stop (exit first) before the temporary folders holding their logs are removed.
+    with contextlib.ExitStack() as stack, pipeline.stopped_at_exit({}) as clusters:
+        for k in procs:
+            key = f"{k} proc{'s' if k > 1 else ''}/{threads}t"
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"lpipes-bench-concurrency-{k}-"))
+            cluster = clusters[key] = Cluster(Path(tmp), model, threads)
+            print(f"{spec.name}: starting {k} process(es), {threads} thread(s) each ...", file=sys.stderr)
+            t0 = time.monotonic()
+            cluster.start(pipeline.spans(spec.layers, k))
+            cluster.wait_ready()
+            batch = load_config(cluster.procs[0].config).api.max_batch_size
+            if batch < max(streams):
+                raise RuntimeError(
+                    f"the origin's [api] max_batch_size is {batch} < {max(streams)} streams: they would "
+                    "not all batch together"
                 )
-                cluster = clusters[key] = Cluster(Path(tmp), model, threads)
-                print(f"{spec.name}: starting {k} process(es), {threads} thread(s) each ...", file=sys.stderr)
-                t0 = time.monotonic()
-                cluster.start(pipeline.spans(spec.layers, k))
-                cluster.wait_ready()
-                batch = load_config(cluster.procs[0].config).api.max_batch_size
-                if batch < max(streams):
-                    raise RuntimeError(
-                        f"the origin's [api] max_batch_size is {batch} < {max(streams)} streams: they would "
-                        "not all batch together"
-                    )
-                info[key] = {
-                    "procs": k,
-                    "threads": threads,
-                    "spans": [list(s) for s in pipeline.spans(spec.layers, k)],
-                    "max_batch_size": batch,
-                    "startup_s": time.monotonic() - t0,
-                }
-            runs = asyncio.run(
-                measure({k: c.api for k, c in clusters.items()}, streams, spec.tokens, repeats)
-            )
-            for k, c in clusters.items():
-                info[k]["preemptions"] = preemptions(c.api)
-        except BaseException:
-            for c in clusters.values():
-                for p in c.procs:
-                    print(f"--- {p.name} of {len(c.procs)} log (tail) ---", file=sys.stderr)
-                    print(p.log.read_text(errors="replace")[-2000:], file=sys.stderr)
-            raise
-        finally:
-            for c in clusters.values():
-                c.stop()
+            info[key] = {
+                "procs": k,
+                "threads": threads,
+                "spans": [list(s) for s in pipeline.spans(spec.layers, k)],
+                "max_batch_size": batch,
+                "startup_s": time.monotonic() - t0,
+            }
+        runs = asyncio.run(measure({k: c.api for k, c in clusters.items()}, streams, spec.tokens, repeats))
+        for k, c in clusters.items():
+            info[k]["preemptions"] = preemptions(c.api)
     return info, runs
 
 

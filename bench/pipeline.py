@@ -74,6 +74,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -347,69 +348,76 @@ def complete(client: httpx.Client, model: str, max_tokens: int) -> tuple[float, 
     return dt, data["choices"][0]["text"]
 
 
+@contextlib.contextmanager
+def stopped_at_exit(clusters: dict[Any, Cluster]) -> Iterator[dict[Any, Cluster]]:
+    """Yields ``clusters`` to fill; on an error prints every process's log tail, and always stops every
+    cluster (each process killed by PID)."""
+    try:
+        yield clusters
+    except BaseException:
+        for c in clusters.values():
+            for p in c.procs:
+                print(f"--- {p.name} of {len(c.procs)} log (tail) ---", file=sys.stderr)
+                print(p.log.read_text(errors="replace")[-2000:], file=sys.stderr)
+        raise
+    finally:
+        for c in clusters.values():
+            c.stop()
+
+
 def run_threads(model: Path, spec: ModelSpec, procs: list[int], threads: int, repeats: int) -> dict:
     """Every configuration of ``procs`` up at once, measured in interleaved rounds (one request pair per
     configuration per round, the starting configuration rotating); all processes are killed at the end."""
     results: dict[int, dict] = {}
-    with contextlib.ExitStack() as stack:
-        clusters: dict[int, Cluster] = {}
-        try:
-            for k in procs:
-                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"lpipes-bench-pipeline-{k}-"))
-                cluster = clusters[k] = Cluster(Path(tmp), model, threads)
-                print(f"{spec.name}: starting {k} process(es), {threads} thread(s) each ...", file=sys.stderr)
-                t0 = time.monotonic()
-                cluster.start(spans(spec.layers, k))
-                cluster.wait_ready()
-                results[k] = {
-                    "model": spec.name,
-                    "spans": [list(s) for s in spans(spec.layers, k)],
-                    "threads": threads,
-                    "startup_s": time.monotonic() - t0,
-                }
-            clients = {
-                k: stack.enter_context(httpx.Client(base_url=f"http://{c.api}", timeout=REQUEST_TIMEOUT_S))
-                for k, c in clusters.items()
+    # Clusters stop (exit first) before the temporary folders holding their logs are removed.
+    with contextlib.ExitStack() as stack, stopped_at_exit({}) as clusters:
+        for k in procs:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"lpipes-bench-pipeline-{k}-"))
+            cluster = clusters[k] = Cluster(Path(tmp), model, threads)
+            print(f"{spec.name}: starting {k} process(es), {threads} thread(s) each ...", file=sys.stderr)
+            t0 = time.monotonic()
+            cluster.start(spans(spec.layers, k))
+            cluster.wait_ready()
+            results[k] = {
+                "model": spec.name,
+                "spans": [list(s) for s in spans(spec.layers, k)],
+                "threads": threads,
+                "startup_s": time.monotonic() - t0,
             }
-            names = {k: c.get("/v1/models").json()["data"][0]["id"] for k, c in clients.items()}
-            for k in procs:  # warm-up: the first route, page faults, allocator and caches
-                for _ in range(2):
-                    complete(clients[k], names[k], SHORT_TOKENS + 8)
-            rounds: list[dict[int, float]] = []
-            texts: dict[int, list[str]] = {k: [] for k in procs}
-            for r in range(repeats):
-                this: dict[int, float] = {}
-                for k in procs[r % len(procs) :] + procs[: r % len(procs)]:
-                    t_short, _ = complete(clients[k], names[k], SHORT_TOKENS)
-                    t_long, text = complete(clients[k], names[k], SHORT_TOKENS + spec.tokens)
-                    this[k] = (t_long - t_short) / spec.tokens * 1000.0
-                    texts[k].append(text)
-                rounds.append(this)
-                line = ", ".join(f"{k} proc(s) {this[k]:.2f}" for k in procs)
-                print(f"  round {r + 1}/{repeats} ms/token: {line}", file=sys.stderr, flush=True)
-            for k in procs:
-                per_token = [rd[k] for rd in rounds]
-                ms = statistics.median(per_token)
-                results[k].update(
-                    ms_per_token=ms,
-                    ms_per_token_min=min(per_token),
-                    ms_per_token_max=max(per_token),
-                    ms_per_token_rounds=per_token,
-                    tok_s=1000.0 / ms,
-                    text=texts[k][0],
-                    deterministic=all(t == texts[k][0] for t in texts[k]),
-                )
-                if 1 in procs:
-                    results[k]["ratio_paired"] = statistics.median(rd[1] / rd[k] for rd in rounds)
-        except BaseException:
-            for c in clusters.values():
-                for p in c.procs:
-                    print(f"--- {p.name} of {len(c.procs)} log (tail) ---", file=sys.stderr)
-                    print(p.log.read_text(errors="replace")[-2000:], file=sys.stderr)
-            raise
-        finally:
-            for c in clusters.values():
-                c.stop()
+        clients = {
+            k: stack.enter_context(httpx.Client(base_url=f"http://{c.api}", timeout=REQUEST_TIMEOUT_S))
+            for k, c in clusters.items()
+        }
+        names = {k: c.get("/v1/models").json()["data"][0]["id"] for k, c in clients.items()}
+        for k in procs:  # warm-up: the first route, page faults, allocator and caches
+            for _ in range(2):
+                complete(clients[k], names[k], SHORT_TOKENS + 8)
+        rounds: list[dict[int, float]] = []
+        texts: dict[int, list[str]] = {k: [] for k in procs}
+        for r in range(repeats):
+            this: dict[int, float] = {}
+            for k in procs[r % len(procs) :] + procs[: r % len(procs)]:
+                t_short, _ = complete(clients[k], names[k], SHORT_TOKENS)
+                t_long, text = complete(clients[k], names[k], SHORT_TOKENS + spec.tokens)
+                this[k] = (t_long - t_short) / spec.tokens * 1000.0
+                texts[k].append(text)
+            rounds.append(this)
+            line = ", ".join(f"{k} proc(s) {this[k]:.2f}" for k in procs)
+            print(f"  round {r + 1}/{repeats} ms/token: {line}", file=sys.stderr, flush=True)
+        for k in procs:
+            per_token = [rd[k] for rd in rounds]
+            ms = statistics.median(per_token)
+            results[k].update(
+                ms_per_token=ms,
+                ms_per_token_min=min(per_token),
+                ms_per_token_max=max(per_token),
+                ms_per_token_rounds=per_token,
+                tok_s=1000.0 / ms,
+                text=texts[k][0],
+                deterministic=all(t == texts[k][0] for t in texts[k]),
+            )
+            if 1 in procs:
+                results[k]["ratio_paired"] = statistics.median(rd[1] / rd[k] for rd in rounds)
     return results
 
 

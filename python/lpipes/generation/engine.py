@@ -339,7 +339,11 @@ class Engine:
             self.stats.active = len(self._running)
             self.stats.queued = len(self._waiting)
 
-    def _fail_batch(self, batch: list[_Entry], exc: BaseException) -> None:
+    def _step_failed(self, batch: list[_Entry], exc: BaseException) -> None:
+        """A route failure replays the step's requests (``_failover``); any other error fails them."""
+        if isinstance(exc, RouteFailedError):
+            self._failover(batch, exc)
+            return
         log.error("a batched step failed; failing its %d requests", len(batch), exc_info=exc)
         with self._cv:
             for e in batch:
@@ -368,11 +372,8 @@ class Engine:
         last = [e.step_tokens == len(e.pending) for e in batch]
         try:
             step = self.generator.begin_forward(rids, chunks, starts, last_only=True, logits_for=last)
-        except RouteFailedError as exc:
-            self._failover(batch, exc)
-            return
         except BaseException as exc:  # noqa: BLE001 - every request of the step gets the error
-            self._fail_batch(batch, exc)
+            self._step_failed(batch, exc)
             return
         lane.step, lane.batch = step, batch
         step.add_done_callback(self._notify)
@@ -384,11 +385,8 @@ class Engine:
         assert step is not None
         try:
             logits = step.result()
-        except RouteFailedError as exc:
-            self._failover(batch, exc)
-            return
         except BaseException as exc:  # noqa: BLE001 - every request of the step gets the error
-            self._fail_batch(batch, exc)
+            self._step_failed(batch, exc)
             return
         self.stats.steps += 1
         self.stats.batch_sizes[len(batch)] += 1
