@@ -594,7 +594,7 @@ class Node:
         if len(batch) > 1:
             try:
                 outs = self._run_span([x for j in batch for x in j.inputs])
-            except (LpipesError, ValueError, RuntimeError):
+            except Exception:  # noqa: BLE001 - retried job by job below, where it is reported
                 pass
             else:
                 parts, off = [], 0
@@ -606,7 +606,9 @@ class Node:
         for j in batch:
             try:
                 results.append(self._run_span(j.inputs))
-            except (LpipesError, ValueError, RuntimeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - reported to the step's origin, the peer goes on
+                if not isinstance(exc, (LpipesError, ValueError, RuntimeError)):
+                    log.exception("step %d failed here unexpectedly", j.meta.step)
                 results.append(exc)
         return results
 
