@@ -75,9 +75,11 @@ static void gemv(const float* x, int64_t K, const f16_t* W, const float* bias, f
 // Any number of x rows: tiles of up to 4 rows against blocks of W rows small enough to stay in L2
 // while every tile passes over them. Each output is still one gemv_row dot product, so y[m, n] is
 // summed in the same order whatever M is and however the rows are split between threads: a
-// sequence gets bit-identical results alone and batched with others (batch invariance; a packed
-// outer-product GEMM, 10-25 % faster on prefill, summed in another order and changed greedy tokens
-// at near-ties once batched).
+// sequence gets bit-identical results alone and batched with others (batch invariance; the packed
+// outer-product GEMM this replaced summed in another order and changed greedy tokens at near-ties
+// once batched). Slower than that GEMM for long K: bench/kernels.py --isa avx2 on an AVX-512 machine,
+// one thread, gave 45-68 GFLOP/s for K = 1024 but 33-45 for K = 3072 (4 x rows of 12 KB each come
+// from L2 for every W row; 16 ymm registers leave no room for 2 W rows per tile).
 // ---------------------------------------------------------------------------------------------------
 constexpr int64_t kTileRows = 4;
 constexpr int64_t kBlockWBytes = int64_t{192} << 10;

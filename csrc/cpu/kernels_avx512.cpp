@@ -98,9 +98,11 @@ static void gemv(const float* x, int64_t K, const f16_t* W, const float* bias, f
 // Any number of x rows: tiles of up to 4 rows against blocks of W rows small enough to stay in L2
 // while every tile passes over them. Each output is still one gemv_row dot product, so y[m, n] is
 // summed in the same order whatever M is and however the rows are split between threads: a
-// sequence gets bit-identical results alone and batched with others (batch invariance; a packed
-// outer-product GEMM, 10-25 % faster on prefill, summed in another order and changed greedy tokens
-// at near-ties once batched).
+// sequence gets bit-identical results alone and batched with others (batch invariance; the packed
+// outer-product GEMM this replaced summed in another order and changed greedy tokens at near-ties
+// once batched). bench/kernels.py, one thread: 16 rows ~80 GFLOP/s, 128-512 rows 72-94 (the GEMM:
+// 80-95); the prefetch of the 3 W rows took 16 rows from ~60 and the 0.6B LM head at 8 rows from
+// 55-58 to 43-47 ms.
 // ---------------------------------------------------------------------------------------------------
 constexpr int64_t kTileRows = 4;
 constexpr int64_t kBlockWBytes = int64_t{192} << 10;
@@ -117,6 +119,8 @@ static inline void gemv_tile(const float* x, int64_t K, const f16_t* w, const fl
     for (int r = 0; r < RB; ++r) acc0[m][r] = acc1[m][r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
+#pragma GCC unroll 3
+    for (int r = 0; r < RB; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kPrefetchHalfs), _MM_HINT_T0);
     __m512 b0[RB], b1[RB];
 #pragma GCC unroll 3
     for (int r = 0; r < RB; ++r) {
