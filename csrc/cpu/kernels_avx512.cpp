@@ -47,35 +47,71 @@ static inline __m512 cvt_h_n(const f16_t* p, __mmask16 m) { return _mm512_cvtph_
 // 2 or 8 KB ahead did worse: one row keeps the plain stream.
 constexpr int64_t kPrefetchHalfs = 2048;
 
-template <int MB>
-static inline void gemv_row(const float* x, int64_t K, const f16_t* w, const float* bias, float* y, int64_t ldy,
-                            bool accumulate) {
-  __m512 acc0[MB], acc1[MB];
+// MB x rows against RB consecutive W rows: every output y[m, r] is one dot product, summed in the one
+// order every path uses (two 16-lane accumulators over alternate halves of each 32-element chunk, the
+// masked tail into the first, then one horizontal sum): the batch invariance of linear_f16 rests on
+// this being the only dot product. With RB > 1 each x load feeds RB FMAs (x rows of a long K come
+// from L2).
+template <int MB, int RB>
+static inline void gemv_tile(const float* x, int64_t K, const f16_t* w, const float* bias, float* y, int64_t ldy,
+                             bool accumulate) {
+  __m512 acc0[MB][RB], acc1[MB][RB];
 #pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm512_setzero_ps();
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 3
+    for (int r = 0; r < RB; ++r) acc0[m][r] = acc1[m][r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    if (MB > 1) _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchHalfs), _MM_HINT_T0);
-    const __m512 b0 = cvt_h(w + k), b1 = cvt_h(w + k + 16);
+    if (MB > 1 || RB > 1) {
+#pragma GCC unroll 3
+      for (int r = 0; r < RB; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kPrefetchHalfs), _MM_HINT_T0);
+    }
+    __m512 b0[RB], b1[RB];
+#pragma GCC unroll 3
+    for (int r = 0; r < RB; ++r) {
+      b0[r] = cvt_h(w + r * K + k);
+      b1[r] = cvt_h(w + r * K + k + 16);
+    }
 #pragma GCC unroll 4
     for (int m = 0; m < MB; ++m) {
-      acc0[m] = _mm512_fmadd_ps(b0, _mm512_loadu_ps(x + m * K + k), acc0[m]);
-      acc1[m] = _mm512_fmadd_ps(b1, _mm512_loadu_ps(x + m * K + k + 16), acc1[m]);
+      __m512 x0 = _mm512_loadu_ps(x + m * K + k), x1 = _mm512_loadu_ps(x + m * K + k + 16);
+      if constexpr (RB > 1) __asm__("" : "+v"(x0), "+v"(x1));  // one load each, not one per FMA
+#pragma GCC unroll 3
+      for (int r = 0; r < RB; ++r) {
+        acc0[m][r] = _mm512_fmadd_ps(b0[r], x0, acc0[m][r]);
+        acc1[m][r] = _mm512_fmadd_ps(b1[r], x1, acc1[m][r]);
+      }
     }
   }
   for (; k < K; k += 16) {
     const __mmask16 mk = lane_mask(K - k);
-    const __m512 b = cvt_h_n(w + k, mk);
+    __m512 b[RB];
+#pragma GCC unroll 3
+    for (int r = 0; r < RB; ++r) b[r] = cvt_h_n(w + r * K + k, mk);
 #pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) acc0[m] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(mk, x + m * K + k), acc0[m]);
+    for (int m = 0; m < MB; ++m) {
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * K + k);
+#pragma GCC unroll 3
+      for (int r = 0; r < RB; ++r) acc0[m][r] = _mm512_fmadd_ps(b[r], xv, acc0[m][r]);
+    }
   }
 #pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m) {
-    float v = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
-    if (bias) v += *bias;
-    float& out = y[m * ldy];
-    out = accumulate ? out + v : v;
-  }
+  for (int m = 0; m < MB; ++m)
+#pragma GCC unroll 3
+    for (int r = 0; r < RB; ++r) {
+      float v = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m][r], acc1[m][r]));
+      if (bias) v += bias[r];
+      float& out = y[m * ldy + r];
+      out = accumulate ? out + v : v;
+    }
+}
+
+// One W row (the decode GEMV, W streamed in memory order).
+template <int MB>
+static inline void gemv_row(const float* x, int64_t K, const f16_t* w, const float* bias, float* y, int64_t ldy,
+                            bool accumulate) {
+  gemv_tile<MB, 1>(x, K, w, bias, y, ldy, accumulate);
 }
 
 template <int MB>
@@ -96,7 +132,7 @@ static void gemv(const float* x, int64_t K, const f16_t* W, const float* bias, f
 
 // ---------------------------------------------------------------------------------------------------
 // Any number of x rows: tiles of up to 4 rows against blocks of W rows small enough to stay in L2
-// while every tile passes over them. Each output is still one gemv_row dot product, so y[m, n] is
+// while every tile passes over them. Each output is still one gemv_tile dot product, so y[m, n] is
 // summed in the same order whatever M is and however the rows are split between threads: a
 // sequence gets bit-identical results alone and batched with others (batch invariance; the packed
 // outer-product GEMM this replaced summed in another order and changed greedy tokens at near-ties
@@ -106,57 +142,6 @@ static void gemv(const float* x, int64_t K, const f16_t* W, const float* bias, f
 // ---------------------------------------------------------------------------------------------------
 constexpr int64_t kTileRows = 4;
 constexpr int64_t kBlockWBytes = int64_t{192} << 10;
-
-// MB x rows against RB W rows at once: each x load feeds RB FMAs (x rows of a long K come from L2),
-// and every output gets exactly gemv_row's operations in gemv_row's order.
-template <int MB, int RB>
-static inline void gemv_tile(const float* x, int64_t K, const f16_t* w, const float* bias, float* y, int64_t ldy,
-                             bool accumulate) {
-  __m512 acc0[MB][RB], acc1[MB][RB];
-#pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 3
-    for (int r = 0; r < RB; ++r) acc0[m][r] = acc1[m][r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-#pragma GCC unroll 3
-    for (int r = 0; r < RB; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kPrefetchHalfs), _MM_HINT_T0);
-    __m512 b0[RB], b1[RB];
-#pragma GCC unroll 3
-    for (int r = 0; r < RB; ++r) {
-      b0[r] = cvt_h(w + r * K + k);
-      b1[r] = cvt_h(w + r * K + k + 16);
-    }
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) {
-      __m512 x0 = _mm512_loadu_ps(x + m * K + k), x1 = _mm512_loadu_ps(x + m * K + k + 16);
-      __asm__("" : "+v"(x0), "+v"(x1));  // one load each, not one per FMA
-#pragma GCC unroll 3
-      for (int r = 0; r < RB; ++r) {
-        acc0[m][r] = _mm512_fmadd_ps(b0[r], x0, acc0[m][r]);
-        acc1[m][r] = _mm512_fmadd_ps(b1[r], x1, acc1[m][r]);
-      }
-    }
-  }
-  for (; k < K; k += 16) {
-    const __mmask16 mk = lane_mask(K - k);
-#pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * K + k);
-#pragma GCC unroll 3
-      for (int r = 0; r < RB; ++r) acc0[m][r] = _mm512_fmadd_ps(cvt_h_n(w + r * K + k, mk), xv, acc0[m][r]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int m = 0; m < MB; ++m)
-#pragma GCC unroll 3
-    for (int r = 0; r < RB; ++r) {
-      float v = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m][r], acc1[m][r]));
-      if (bias) v += bias[r];
-      float& out = y[m * ldy + r];
-      out = accumulate ? out + v : v;
-    }
-}
 
 // y[0:MB, n0:n1] for MB x rows (x, y at the first row), W rows two at a time.
 template <int MB>
