@@ -343,9 +343,9 @@ def main() -> int:
     tokens = args.tokens or (24 if args.quick else 64)
     repeats = args.repeats or (1 if args.quick else 3)
     layers = args.layers or (8 if args.quick else 28)
-    streams = sorted({int(x) for x in args.streams.split(",") if x.strip()})
-    threads = [int(x) for x in args.threads.split(",") if x.strip()]
-    procs = sorted({int(x) for x in args.procs.split(",") if x.strip()})
+    streams = sorted(set(pipeline.int_list(args.streams)))
+    threads = pipeline.int_list(args.threads)
+    procs = sorted(set(pipeline.int_list(args.procs)))
     if tokens < 2:
         ap.error("--tokens must be >= 2 (the first token is not a decode token)")
     if repeats < 1 or not streams or streams[0] < 1 or not threads or min(threads) < 1:

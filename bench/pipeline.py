@@ -195,6 +195,11 @@ def build_checkpoint(spec: ModelSpec, seed: int, path: Path | None = None) -> Pa
 
 
 # ------------------------------------------------------------------------------- processes
+def int_list(text: str) -> list[int]:
+    """A comma-separated command-line list of integers ("1,2,3")."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def free_port(kind: int) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
@@ -518,8 +523,8 @@ def main() -> int:
     tokens = args.tokens or (32 if args.quick else 64)
     repeats = args.repeats or (3 if args.quick else 8)
     layers = args.layers or (8 if args.quick else 28)
-    threads = [int(x) for x in args.threads.split(",") if x.strip()]
-    procs = sorted({int(x) for x in args.procs.split(",") if x.strip()})
+    threads = int_list(args.threads)
+    procs = sorted(set(int_list(args.procs)))
     if tokens < 1 or repeats < 1 or not threads or min(threads) < 1 or not procs or not 1 <= procs[0]:
         ap.error("--tokens, --repeats, --threads and --procs must be >= 1")
     if args.skip_thin and args.only_thin:

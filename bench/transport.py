@@ -357,16 +357,12 @@ def stop_server(proc: subprocess.Popen) -> None:
 # TCP baseline); their callers bound the whole phase instead.
 
 
-async def measure_rtt(reader, writer, n: int, warmup: int, write_drain=None) -> dict:
-    """write_drain: awaited after each write (the product drains after every frame)."""
-    body = os.urandom(RTT_BODY)
+async def _rtt_loop(trip, n: int, warmup: int) -> dict:
+    """Times ``await trip(i)`` (one echo round trip returning the reply payload) warmup + n times."""
     times = []
     for i in range(warmup + n):
         t0 = time.perf_counter_ns()
-        write_frame(writer, OP_ECHO, i, body)
-        if write_drain is not None:
-            await write_drain(writer)
-        payload = await read_frame(reader)
+        payload = await trip(i)
         dt = time.perf_counter_ns() - t0
         check_reply(payload, OP_ECHO, i, RTT_BODY)
         if i >= warmup:
@@ -375,23 +371,31 @@ async def measure_rtt(reader, writer, n: int, warmup: int, write_drain=None) -> 
     return {"n": n, "median_us": statistics.median(times), "p99_us": percentile(times, 0.99)}
 
 
+async def measure_rtt(reader, writer, n: int, warmup: int, write_drain=None) -> dict:
+    """write_drain: awaited after each write (the product drains after every frame)."""
+    body = os.urandom(RTT_BODY)
+
+    async def trip(i: int) -> bytes:
+        write_frame(writer, OP_ECHO, i, body)
+        if write_drain is not None:
+            await write_drain(writer)
+        return await read_frame(reader)
+
+    return await _rtt_loop(trip, n, warmup)
+
+
 async def measure_rtt_stream_per_msg(protocol, n: int, warmup: int, write_drain=None) -> dict:
     body = os.urandom(RTT_BODY)
-    times = []
-    for i in range(warmup + n):
-        t0 = time.perf_counter_ns()
+
+    async def trip(i: int) -> bytes:
         reader, writer = await protocol.create_stream()
         write_frame(writer, OP_ECHO, i, body)
         if write_drain is not None:
             await write_drain(writer)
         writer.write_eof()
-        payload = await read_frame(reader)
-        dt = time.perf_counter_ns() - t0
-        check_reply(payload, OP_ECHO, i, RTT_BODY)
-        if i >= warmup:
-            times.append(dt / 1e3)
-    times.sort()
-    return {"n": n, "median_us": statistics.median(times), "p99_us": percentile(times, 0.99)}
+        return await read_frame(reader)
+
+    return await _rtt_loop(trip, n, warmup)
 
 
 async def measure_bulk(reader, writer, server_pid: int, args, *, upload: bool, drain=drain) -> dict:
