@@ -10,14 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -25,153 +21,9 @@ import openai
 import pytest
 import torch
 import transformers
+from netharness import CONTEXT, Network, client, hf_greedy, new_network
 
-from lpipes.cli.netstatus import query_network
-from lpipes.config import load_config
 from lpipes.models.tiny import make_tiny_checkpoint
-
-STARTUP_TIMEOUT_S = 120
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-CONTEXT = 2048  # room for long streams in the failover tests
-
-
-@dataclass
-class Proc:
-    name: str
-    config: Path
-    proc: subprocess.Popen
-    log: Path
-    trace: Path
-
-
-@dataclass
-class Network:
-    root: Path
-    model: Path
-    key: Path
-    procs: dict[str, Proc] = field(default_factory=dict)
-
-    def start(
-        self,
-        name: str,
-        *,
-        layers: str,
-        origin: bool = False,
-        bootstrap: str | None = None,
-        key: Path | None = None,
-        extra_model: str = "",
-        wait: bool = True,
-    ) -> Proc:
-        quic = free_port(socket.SOCK_DGRAM)
-        lines = [
-            f'node_id = "{name}"',
-            "[network]",
-            f'listen = "127.0.0.1:{quic}"',
-            f'key_file = "{key or self.key}"',
-            "gossip_interval_s = 0.3",
-            "peer_timeout_s = 3.0",
-            "join_timeout_s = 5.0",
-        ]
-        if bootstrap:
-            lines.append(f'bootstrap = ["{bootstrap}"]')
-        if origin:
-            lines += ["[api]", f'listen = "127.0.0.1:{free_port()}"']
-        lines += [
-            "[[models]]",
-            f'path = "{self.model}"',
-            f"layers = {layers}",
-            'dtype = "float32"',
-            f"end_model = {'true' if origin else 'false'}",
-            extra_model,
-        ]
-        cfg = self.root / f"{name}.toml"
-        cfg.write_text("\n".join(lines) + "\n")
-        log = self.root / f"{name}.log"
-        trace = self.root / f"{name}.frames.jsonl"
-        env = {
-            **os.environ,
-            "HF_HUB_OFFLINE": "1",
-            "LPIPES_NUM_THREADS": "1",
-            "LPIPES_TRACE_FRAMES": str(trace),
-        }
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "lpipes.cli.main", "-v", "serve", "--config", str(cfg)],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=out,
-            )
-        p = Proc(name, cfg, proc, log, trace)
-        self.procs[name] = p
-        if wait:
-            self.wait_ready(p)
-        return p
-
-    def address(self, name: str) -> str:
-        return load_config(self.procs[name].config).network.listen
-
-    def api(self, name: str) -> str:
-        cfg = load_config(self.procs[name].config)
-        assert cfg.api is not None
-        return f"http://{cfg.api.listen}"
-
-    def status(self, name: str) -> dict:
-        return query_network(load_config(self.procs[name].config), timeout=5.0)
-
-    def wait_ready(self, p: Proc) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if p.proc.poll() is not None:
-                pytest.fail(f"{p.name} exited with {p.proc.returncode}:\n{p.log.read_text()[-3000:]}")
-            log = p.log.read_bytes()
-            if b" of " in log and b"peers on quic://" in log:
-                if "[api]" not in p.config.read_text():
-                    return
-                try:
-                    import urllib.request
-
-                    with urllib.request.urlopen(self.api(p.name) + "/health", timeout=2) as r:
-                        if r.status == 200:
-                            return
-                except OSError:
-                    pass
-            time.sleep(0.2)
-        pytest.fail(f"{p.name} did not become ready:\n{p.log.read_text()[-3000:]}")
-
-    def wait_coverage(self, name: str, n_peers: int, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        data: dict = {}
-        while time.monotonic() < deadline:
-            data = self.status(name)
-            ready = [p for p in data["peers"] if p["ready"]]
-            if len(ready) >= n_peers and not data["uncovered"]:
-                return data
-            time.sleep(0.2)
-        pytest.fail(f"the network did not cover every layer in time: {data}")
-
-    def kill(self, name: str) -> None:
-        p = self.procs[name]
-        p.proc.send_signal(signal.SIGKILL)
-        p.proc.wait(timeout=30)
-
-    def stop_all(self) -> None:
-        for p in self.procs.values():
-            if p.proc.poll() is None:
-                p.proc.kill()  # by PID, always
-            p.proc.wait(timeout=30)
-
-    def frames(self, name: str) -> list[dict]:
-        path = self.procs[name].trace
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
 @pytest.fixture(scope="module")
@@ -190,24 +42,6 @@ def hf(model_dir):
     full = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     full.generation_config.eos_token_id = None
     return tok, full
-
-
-def hf_greedy(hf, prompt: str, n: int) -> tuple[list[int], str]:
-    tok, full = hf
-    ids = tok(prompt)["input_ids"]
-    out = full.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids) :]
-    return out.tolist(), tok.decode(out, skip_special_tokens=True)
-
-
-def new_network(tmp_path_factory, model_dir: Path) -> Network:
-    root = tmp_path_factory.mktemp("net")
-    key = root / "network.key"
-    key.write_text(secrets.token_hex(32) + "\n")
-    return Network(root, model_dir, key)
-
-
-def client(base: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 # ------------------------------------------------------------------------- three peers
