@@ -314,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    # qh3 warns of every connection its peer closes (routine here: links are re-opened on demand);
+    # -vv shows them.
+    logging.getLogger("quic").setLevel(logging.DEBUG if args.verbose >= 2 else logging.ERROR)
     try:
         handler = getattr(args, "handler", None)
         if handler is not None:

@@ -344,7 +344,10 @@ class Engine:
         if isinstance(exc, RouteFailedError):
             self._failover(batch, exc)
             return
-        log.error("a batched step failed; failing its %d requests", len(batch), exc_info=exc)
+        if isinstance(exc, LpipesError):  # an expected condition (no route, a refused peer): one line
+            log.warning("a batched step failed; failing its %d request(s): %s", len(batch), exc)
+        else:
+            log.error("a batched step failed; failing its %d request(s)", len(batch), exc_info=exc)
         with self._cv:
             for e in batch:
                 if e in self._running:
