@@ -149,7 +149,7 @@ def quic_modules(impl: str):
 
 def make_quic_configuration(impl: str, cfg: Config, *, is_client: bool, certdir: Path | None = None):
     if cfg.product:
-        cert = None if is_client else NodeCertificate(certdir / "node.crt", certdir / "node.key", b"")
+        cert = None if is_client else NodeCertificate.load(certdir)
         return quic_configuration(is_client=is_client, cert=cert)
     _, _, QuicConfiguration = quic_modules(impl)
     conf = QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN], idle_timeout=60.0, **cfg.quic)

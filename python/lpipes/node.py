@@ -19,6 +19,13 @@ and the engine replays the affected sessions over a new route (see :class:`Route
 
 Layer peers see hidden states, positions and opaque session ids only — never token ids, text or
 logits; ``FORWARD`` metadata is validated against a closed schema.
+
+Who may send what (``docs/threat-model.md``): the transport binds every connection's node id to a
+certificate, and :meth:`Node._identify` refuses a second claimant of a live node's id. Frames about a
+session are then checked against that authenticated sender: a ``FORWARD`` comes from its origin (first
+hop) or from the hop before this one on its route, ``END_SESSION`` from the session's origin, and at
+the origin a ``RESULT`` from the last hop of that step's route and an ``ERROR`` from one of its hops.
+Anything else is answered with ``ERROR`` ``forbidden`` and logged (rate-limited).
 """
 
 from __future__ import annotations
@@ -44,12 +51,31 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lpipes.errors import LpipesError, NoRouteError, RouteFailedError, SessionError
-from lpipes.net.transport import FrameStream, PeerConnection, PeerContext, PeerServer, TransportError
+from lpipes.net import _quic
+from lpipes.net.auth import AuthError
+from lpipes.net.transport import (
+    FrameStream,
+    PeerConnection,
+    PeerContext,
+    PeerServer,
+    RefusalLog,
+    TransportError,
+    read_frame,
+)
 from lpipes.runtime.reference import SequenceInput
 from lpipes.swarm.membership import Membership
 from lpipes.swarm.planning import Hop, plan_route
 from lpipes.swarm.records import NODE_ID_PATTERN, PeerRecord, sign_record
-from lpipes.wire import DEFAULT_LIMITS, Frame, MessageType, WireError, WireLimits, check_tensor, error_frame
+from lpipes.wire import (
+    DEFAULT_LIMITS,
+    Frame,
+    MessageType,
+    WireError,
+    WireLimits,
+    check_tensor,
+    encode_bytes,
+    error_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +92,30 @@ INLINE_MAX_MS = 100.0
 PEER_BATCH_TOKENS = 2048
 HIDDEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what hidden-state tensors may be
 TRACE_ENV = "LPIPES_TRACE_FRAMES"  # a file path: every received frame's summary is appended as JSON
+# A frame can be lost between two live hops (a connection dropped mid-frame): each pings of an
+# outstanding step asks every hop what it did with the step; a hop that passed it on this long ago (plus
+# its transfer time at LOST_MIN_MBPS) while the next hop never received it fails the step at once.
+LOST_GRACE_S = 2.0
+LOST_MIN_MBPS = 10.0
+STEP_LOG_SIZE = 4096  # steps whose progress a hop remembers
+FAULTS_ENV = "LPIPES_FAULTS"  # test-only fault injection on a layer peer, see Faults
+FORBIDDEN = "forbidden"  # the ERROR code of a frame its authenticated sender may not send
+# A node id claimed with another certificate than its live record's is accepted only if the process
+# at the record's address now presents that certificate (a restart there); the probe that asks gives
+# up after PROBE_TIMEOUT_S, and its answer to a claim is reused for PROBE_CACHE_S (a claimant that
+# repeats itself costs one probe per address then; a restarted node's new certificate is a new claim).
+PROBE_TIMEOUT_S = 3.0
+PROBE_CACHE_S = 5.0
+DEFAULT_MAX_SESSIONS = 128
 
 
 class PeerStepError(LpipesError, RuntimeError):
     """This node cannot run a step it was sent (wrong span, still loading); reported to the origin."""
+
+
+class SessionLimitError(PeerStepError):
+    """A step would open more sessions than this node's ``max_sessions``; reported to the origin,
+    which fails the step over to another route (or reports the error after its retries)."""
 
 
 def model_fingerprint(config: Any) -> str:
@@ -94,7 +140,11 @@ class _HopModel(BaseModel):
 
 
 class ForwardMeta(BaseModel):
-    """The metadata of a ``FORWARD`` frame (closed: any other key is refused)."""
+    """The metadata of a ``FORWARD`` frame (closed: any other key is refused).
+
+    ``route`` is the step's whole route and ``hop`` the receiver's index in it, so the receiver can
+    check that the frame came from the hop before it (or, at hop 0, from the origin).
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True)
     step: Annotated[int, Field(ge=0)]
@@ -103,6 +153,7 @@ class ForwardMeta(BaseModel):
     sessions: Annotated[list[_SessionId], Field(min_length=1, max_length=1024)]
     lens: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1, max_length=1024)]
     route: Annotated[list[_HopModel], Field(min_length=1, max_length=64)]
+    hop: Annotated[int, Field(ge=0, lt=64)]
 
 
 class ResultMeta(BaseModel):
@@ -141,6 +192,27 @@ class _Link:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+@dataclass(frozen=True)
+class Faults:
+    """Fault injection for reliability tests, read from ``LPIPES_FAULTS`` (never set in production):
+    comma-separated ``delay_ms=N`` (hold every step's output N ms before passing it on: a slow peer or
+    link) and ``cut_after=N`` (after every N steps passed on, write half of the next step's frame, then
+    drop the connection: the frame is lost mid-transfer)."""
+
+    delay_ms: float = 0.0
+    cut_after: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Faults:
+        values: dict[str, float] = {}
+        for item in filter(None, (x.strip() for x in text.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or name not in ("delay_ms", "cut_after"):
+                raise ValueError(f"{FAULTS_ENV}: unknown fault {item!r} (delay_ms=N, cut_after=N)")
+            values[name] = float(value)
+        return cls(values.get("delay_ms", 0.0), int(values.get("cut_after", 0)))
+
+
 @dataclass
 class _Job:
     """A received FORWARD step waiting for (or in) a batch on this peer."""
@@ -162,6 +234,8 @@ class _Pending:
     route: list[Hop]
     started: float  # monotonic
     timer: asyncio.TimerHandle | None = None  # the next heartbeat
+    size: int = 0  # the tensor bytes of the step's frame (its transfer time counts as progress)
+    sessions: list[str] = field(default_factory=list)  # what a RESULT of it must name
 
 
 @dataclass
@@ -180,6 +254,7 @@ class NodeSettings:
     peer_timeout_s: float = 10.0
     session_timeout_s: float = 600.0
     step_timeout_s: float = 300.0
+    max_sessions: int = DEFAULT_MAX_SESSIONS  # sessions with KV on this node at most
     limits: WireLimits = DEFAULT_LIMITS
 
 
@@ -188,8 +263,16 @@ class Node:
 
     def __init__(self, settings: NodeSettings) -> None:
         self.s = settings
-        self.membership = Membership(settings.node_id, settings.key, peer_timeout_s=settings.peer_timeout_s)
-        self.server = PeerServer(settings.node_id, self._handle, key=settings.key, limits=settings.limits)
+        # A failed peer stays out of routes for a few peer timeouts (then a newer record brings it back).
+        self.membership = Membership(
+            settings.node_id,
+            settings.key,
+            peer_timeout_s=settings.peer_timeout_s,
+            mark_s=3 * settings.peer_timeout_s,
+        )
+        self.server = PeerServer(
+            settings.node_id, self._handle, key=settings.key, limits=settings.limits, identify=self._identify
+        )
         self.loop: asyncio.AbstractEventLoop | None = None
         self.address = settings.listen
         self.span: tuple[int, int] = (0, 0)
@@ -216,6 +299,18 @@ class Node:
         self._closing = False
         self._trace = os.environ.get(TRACE_ENV)
         self._trace_lock = threading.Lock()
+        self._refusals = RefusalLog(log)  # forbidden frames, failed exchanges
+        # (address, claimed id, claimed certificate) -> (when probed, who answered)
+        self._probes: dict[tuple[str, str, bytes], tuple[float, tuple[str, bytes] | None]] = {}
+        self._probe_locks: dict[str, asyncio.Lock] = {}
+        # (origin, step) -> (state, monotonic time, frame bytes): what this hop did with recent steps
+        self._step_log: collections.OrderedDict[tuple[str, int], tuple[str, float, int]] = (
+            collections.OrderedDict()
+        )
+        self.faults = Faults.parse(os.environ.get(FAULTS_ENV, ""))
+        self._passed_on = 0
+        if self.faults != Faults():
+            log.warning("fault injection active (%s): %s", FAULTS_ENV, self.faults)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> str:
@@ -287,6 +382,7 @@ class Node:
         rec = PeerRecord(
             node_id=self.s.node_id,
             address=self.address,
+            cert_fp=self.server.cert.fingerprint.hex(),
             model=self.s.model,
             model_hash=self.s.model_hash,
             num_layers=self.s.num_layers,
@@ -319,7 +415,12 @@ class Node:
                 return link
             host, port = _address(address)
             conn = await PeerConnection.open(
-                host, port, node_id=self.s.node_id, key=self.s.key, limits=self.s.limits
+                host,
+                port,
+                node_id=self.s.node_id,
+                key=self.s.key,
+                cert=self.server.cert,
+                limits=self.s.limits,
             )
             push = await conn.open_stream()
             link = _Link(conn, push)
@@ -340,15 +441,37 @@ class Node:
         await link.conn.close()
 
     async def _read_push_replies(self, address: str, link: _Link) -> None:
-        """A push stream gets replies only when the receiver refused a frame; report them."""
+        """A push stream gets replies only when the receiver refused a frame; report them. When the
+        receiver ends the stream (it does after a frame it could not even read, e.g. one over its
+        ``max_frame_bytes``), the link is dropped: the next frame opens a new one."""
         while not self._closing:
-            try:
-                frame = await link.push.receive(timeout=3600)
-            except (TransportError, WireError):
-                return
+            try:  # no timeout: a healthy link may go without a refusal for ever
+                frame = await read_frame(link.push.reader, self.s.limits, timeout=None)
+            except (WireError, ConnectionError, asyncio.IncompleteReadError):
+                frame = None
+            if frame is None:  # the receiver ended the stream (or the connection closed)
+                break
             if frame.type == MessageType.ERROR:
                 log.warning("%s refused a frame: %s", address, frame.meta.get("message"))
-                self._fail_step(frame.meta.get("step"), frame.meta)
+                self._refused_by(address, frame.meta)
+        # A stream the receiver ended on a live connection: drop the link, so that the next frame
+        # opens a new one. (A closed connection stays until a send fails on it: that fails fast.)
+        if not self._closing and self._links.get(address) is link and not _quic.is_closed(link.conn.protocol):
+            link.reader = None  # this task: not cancelled by _forget_link
+            self._forget_link(link)
+            await link.conn.close()
+
+    def _refused_by(self, address: str, meta: dict[str, Any]) -> None:
+        """The node at ``address`` refused a frame this node sent it: fail that step if this node is
+        its origin or, when the refusal names no step (the frame could not even be read), every step
+        this node sent there."""
+        step = meta.get("step")
+        code, message = str(meta.get("code", "error")), str(meta.get("message", ""))
+        for s, p in list(self._pending.items()):
+            first = p.route[0]
+            if first.address == address and (step is None or step == s):
+                why = f"hop {first.node_id} ({address}) refused the step's frame ({code}): {message}"
+                self._fail(s, RouteFailedError(why, first.node_id))
 
     def _send_now(self, address: str, frame: Frame) -> bool:
         """Write a one-way frame at once if the link is open and has room; False: use :meth:`send`.
@@ -398,13 +521,20 @@ class Node:
                 ),
                 timeout=timeout,
             )
+        except AuthError as exc:
+            self._refusals.warn((address, "auth"), "cannot exchange records with %s: %s", address, exc)
+            return False
         except (TransportError, LpipesError, TimeoutError, OSError) as exc:
             log.debug("gossip with %s failed: %s", address, exc)
             return False
         rtt = (time.perf_counter() - t0) * 1000.0
         records = reply.meta.get("records")
+        link = self._links.get(address)
         if isinstance(records, list):
-            self.membership.merge(records)
+            # The replier's own record is first-hand: its id and certificate are the connection's.
+            verified = None if link is None else (link.conn.peer_node_id, link.conn.peer_fp.hex())
+            self.membership.merge(records, verified=verified)
+            self._after_merge()
             if records and isinstance(records[0], dict) and isinstance(records[0].get("node_id"), str):
                 nid = records[0]["node_id"]
                 old = self._rtt_ms.get(nid)
@@ -437,6 +567,100 @@ class Node:
         rtt = self._rtt_ms.get(node_id)
         return None if rtt is None else rtt / 2
 
+    # ------------------------------------------------------------------ identity
+    async def _identify(self, peer_id: str, fp: bytes) -> None:
+        """The transport's identity check of a client that proved it holds the certificate ``fp``
+        (and the network key). A live node's id stays bound to its record's certificate: another
+        certificate is accepted only when the record's address now presents it (the node restarted
+        there). An id without a live record (new, or expired) is free to claim.
+
+        Raises:
+            AuthError: the id belongs to another live peer.
+        """
+        rec = self.membership.binding(peer_id)
+        if rec is not None:
+            if rec.cert_fp == fp.hex():
+                return
+            who = await self._whois(rec.address, (peer_id, fp))
+            if who == (peer_id, fp):
+                return
+            raise AuthError(
+                f"the peer claims the id {peer_id!r} of the live peer at {rec.address}, which "
+                + ("does not answer" if who is None else "presents another certificate")
+                + "; a restarted node is accepted once it listens at that address, or once the old "
+                "record expired",
+                "identity",
+            )
+
+    async def _whois(self, address: str, claim: tuple[str, bytes]) -> tuple[str, bytes] | None:
+        """(node id, certificate fingerprint) that the node listening at ``address`` proves now, or
+        None if it does not answer within ``PROBE_TIMEOUT_S``; asked to check ``claim`` (id,
+        fingerprint). One probe per address at a time; the answer to the same claim is reused for
+        ``PROBE_CACHE_S``."""
+        lock = self._probe_locks.setdefault(address, asyncio.Lock())
+        async with lock:
+            cached = self._probes.get((address, *claim))
+            if cached is not None and time.monotonic() - cached[0] < PROBE_CACHE_S:
+                return cached[1]
+            who: tuple[str, bytes] | None = None
+            host, port = _address(address)
+            try:
+                conn = await PeerConnection.open(
+                    host,
+                    port,
+                    node_id=self.s.node_id,
+                    key=self.s.key,
+                    cert=self.server.cert,
+                    handshake_timeout_s=PROBE_TIMEOUT_S,
+                )
+            except (TransportError, LpipesError, OSError) as exc:
+                log.info("probe of %s: %s", address, exc)
+            else:
+                who = (conn.peer_node_id, conn.peer_fp)
+                await conn.close()
+            if len(self._probes) > 1024:
+                self._probes.clear()
+            self._probes[(address, *claim)] = (time.monotonic(), who)
+            return who
+
+    def _after_merge(self) -> None:
+        """After records came in: probe the addresses of records that rebind a live id (a restart
+        heard of second-hand), and drop links to a process that no longer holds its address."""
+        for rec in self.membership.take_unverified():
+            self._spawn(self._verify_record(rec))
+        fps: dict[str, set[str]] = {}
+        for r in self.membership.peers():
+            fps.setdefault(r.address, set()).add(r.cert_fp)
+        for address, link in list(self._links.items()):
+            known = fps.get(address)
+            if (
+                known
+                and link.conn.peer_fp
+                and link.conn.peer_fp.hex() not in known
+                and not link.lock.locked()
+            ):
+                log.info("%s presents a new certificate now; reconnecting", address)
+                self._forget_link(link)
+                self._spawn(link.conn.close())
+
+    async def _verify_record(self, rec: PeerRecord) -> None:
+        claim = (rec.node_id, bytes.fromhex(rec.cert_fp))
+        if await self._whois(rec.address, claim) == claim:
+            self.membership.merge([rec.model_dump()], verified=(rec.node_id, rec.cert_fp))
+            self._after_merge()
+
+    def _forbidden(self, ctx: PeerContext, frame: Frame, why: str, **echo: Any) -> Frame:
+        """Refuse a frame its authenticated sender may not send: a rate-limited warning and the
+        ``forbidden`` ERROR reply."""
+        self._refusals.warn(
+            (ctx.peer_node_id, frame.type),
+            "refusing a %s frame from %s: %s",
+            frame.type.name,
+            ctx.peer_node_id,
+            why,
+        )
+        return error_frame(FORBIDDEN, why, **echo)
+
     # ------------------------------------------------------------------ handlers
     def _trace_frame(self, frame: Frame, ctx: PeerContext) -> None:
         if not self._trace:
@@ -459,26 +683,23 @@ class Node:
         self._trace_frame(frame, ctx)
         t = frame.type
         if t == MessageType.PING:
-            return Frame(MessageType.PONG, {"node_id": self.s.node_id})
+            return Frame(MessageType.PONG, {"node_id": self.s.node_id, **self._progress(frame.meta)})
         if t == MessageType.GOSSIP:
             records = frame.meta.get("records", [])
             if not isinstance(records, list) or len(records) > 4096:
                 raise WireError("GOSSIP: records must be a list of at most 4096 peer records")
-            self.membership.merge(records)
+            self.membership.merge(records, verified=(ctx.peer_node_id, ctx.peer_fp.hex()))
+            self._after_merge()
             seen = {r.node_id: self.membership.last_seen(r.node_id) for r in self.membership.peers()}
             return Frame(MessageType.GOSSIP, {"records": self.records(), "last_seen_s": seen})
         if t == MessageType.FORWARD:
-            await self._on_forward(frame, ctx)
-            return None
+            return await self._on_forward(frame, ctx)
         if t == MessageType.RESULT:
-            self._on_result(frame)
-            return None
+            return self._on_result(frame, ctx)
         if t == MessageType.END_SESSION:
-            await self._on_end(frame, ctx)
-            return None
+            return await self._on_end(frame, ctx)
         if t == MessageType.ERROR:
-            self._fail_step(frame.meta.get("step"), frame.meta)
-            return None
+            return self._on_error(frame, ctx)
         raise WireError(f"unexpected {t.name} frame")
 
     # ---------------------------------------------------------------- layer peer
@@ -491,6 +712,8 @@ class Node:
             raise WireError(f"FORWARD: unexpected tensors {sorted(extra)}")
         if len(meta.lens) != len(meta.sessions) or len(set(meta.sessions)) != len(meta.sessions):
             raise WireError("FORWARD: sessions must be unique and match lens one to one")
+        if meta.hop >= len(meta.route):
+            raise WireError(f"FORWARD: hop {meta.hop} is past the route's {len(meta.route)} hops")
         total = sum(meta.lens)
         hidden = check_tensor(
             frame,
@@ -509,9 +732,22 @@ class Node:
             )
         return meta, hidden, positions, per_layer
 
-    async def _on_forward(self, frame: Frame, ctx: PeerContext) -> None:
+    async def _on_forward(self, frame: Frame, ctx: PeerContext) -> Frame | None:
         meta, hidden, positions, per_layer = self._check_forward(frame)
-        hop = meta.route[0]
+        # Who may send it: the origin itself to the first hop, else the hop before this one. (A
+        # refusal is the reply on the sender's stream, never a report to reply_to, which the frame
+        # names and so an unauthorised sender would choose.)
+        sender = meta.origin if meta.hop == 0 else meta.route[meta.hop - 1].node_id
+        if ctx.peer_node_id != sender:
+            rule = "the first hop takes it from its origin" if meta.hop == 0 else "it must come from hop"
+            return self._forbidden(
+                ctx,
+                frame,
+                f"FORWARD of step {meta.step} (origin {meta.origin!r}, hop {meta.hop}) came from "
+                f"{ctx.peer_node_id!r}, but {rule} {sender!r} only",
+                step=meta.step,
+            )
+        hop = meta.route[meta.hop]
         try:
             if hop.node_id != self.s.node_id or (hop.start, hop.end) != self.span:
                 raise PeerStepError(
@@ -523,11 +759,17 @@ class Node:
             n_here = hop.end - hop.start
             if per_layer is not None and per_layer.shape[1] < n_here:
                 raise WireError("FORWARD: per_layer covers fewer layers than this hop runs")
+            keys = [f"{meta.origin}.{sid}" for sid in meta.sessions]
+            new = sum(1 for k in keys if k not in self._sessions)
+            if new and len(self._sessions) + new > self.s.max_sessions:
+                raise SessionLimitError(
+                    f"node {self.s.node_id} holds {len(self._sessions)} sessions and this step would open "
+                    f"{new} more, over its max_sessions = {self.s.max_sessions}"
+                )
         except (LpipesError, ValueError) as exc:
             code = "bad_frame" if isinstance(exc, WireError) else type(exc).__name__
             await self._report(meta, code, str(exc))
-            return
-        keys = [f"{meta.origin}.{sid}" for sid in meta.sessions]
+            return None
         inputs = []
         off = 0
         for key, n in zip(keys, meta.lens):
@@ -537,12 +779,14 @@ class Node:
         now = time.monotonic()
         for key in keys:
             self._sessions[key] = now
+        self._log_step(meta, "queued")
         self._queue.append(_Job(frame, meta, inputs, positions, per_layer))
         if not self._kick_pending and not self._batch_running:
             # Not run here: every FORWARD already received in this loop iteration queues first, and
             # the kick runs them as one batch.
             self._kick_pending = True
             asyncio.get_running_loop().call_soon(self._kick)
+        return None
 
     # ------------------------------------------------------------- peer batching
     def _take_batch(self) -> list[_Job]:
@@ -620,31 +864,40 @@ class Node:
                 code = "bad_frame" if isinstance(out, WireError) else type(out).__name__
                 self._spawn(self._report(meta, code, str(out)))
                 continue
-            if len(meta.route) > 1:
-                nxt = meta.route[1]
+            if meta.hop + 1 < len(meta.route):
+                nxt = meta.route[meta.hop + 1]
                 tensors = {"hidden": out, "positions": job.positions}
                 if job.per_layer is not None:
-                    n_here = meta.route[0].end - meta.route[0].start
-                    tensors["per_layer"] = job.per_layer[:, n_here:].contiguous()
-                frame = Frame(
-                    MessageType.FORWARD,
-                    {**job.frame.meta, "route": job.frame.meta["route"][1:]},  # it passed ForwardMeta
-                    tensors,
-                )
-                self._post(nxt.address, frame, meta, failed=nxt.node_id)
+                    here = meta.route[meta.hop]
+                    tensors["per_layer"] = job.per_layer[:, here.end - here.start :].contiguous()
+                # The same metadata (it passed ForwardMeta), addressed to the next hop.
+                frame = Frame(MessageType.FORWARD, {**job.frame.meta, "hop": meta.hop + 1}, tensors)
+                address, failed = nxt.address, nxt.node_id
             else:
                 frame = Frame(
                     MessageType.RESULT,
                     {"step": meta.step, "sessions": meta.sessions, "lens": meta.lens},
                     {"hidden": out},
                 )
-                self._post(meta.reply_to, frame, meta, failed=None)
+                address, failed = meta.reply_to, None
+            if self.faults.delay_ms > 0:
+                self.loop.call_later(  # type: ignore[union-attr]
+                    self.faults.delay_ms / 1000.0, self._post, address, frame, meta, failed
+                )
+            else:
+                self._post(address, frame, meta, failed)
 
     def _post(self, address: str, frame: Frame, meta: ForwardMeta, failed: str | None) -> None:
         """Send a step's frame now if the link has room, else from a task; a failure is reported to
         the step's origin (a lost origin is only logged: nobody is left to tell)."""
+        self._passed_on += 1
+        if self.faults.cut_after and self._passed_on % (self.faults.cut_after + 1) == 0:
+            if self._cut(address, frame):
+                self._log_step(meta, "sent", frame)
+                return
         try:
             if self._send_now(address, frame):
+                self._log_step(meta, "sent", frame)
                 return
         except TransportError as exc:
             self._spawn(self._post_failed(address, meta, failed, exc))
@@ -656,6 +909,45 @@ class Node:
             await self.send(address, frame)
         except (TransportError, LpipesError) as exc:
             await self._post_failed(address, meta, failed, exc)
+        else:
+            self._log_step(meta, "sent", frame)
+
+    def _cut(self, address: str, frame: Frame) -> bool:
+        """The ``cut_after`` fault: half of ``frame`` on the link, then the link's connection dropped."""
+        link = self._links.get(address)
+        if link is None:
+            return False
+        data = encode_bytes(frame, self.s.limits)
+        log.warning("fault injection: dropping the link to %s mid-frame", address)
+        with contextlib.suppress(Exception):
+            link.push.writer.write(bytes(data[: len(data) // 2]))
+        self._forget_link(link)
+        self._spawn(link.conn.close())
+        return True
+
+    # ------------------------------------------------------------ step progress
+    def _log_step(self, meta: ForwardMeta, state: str, frame: Frame | None = None) -> None:
+        size = 0 if frame is None else sum(int(t.numel()) * t.element_size() for t in frame.tensors.values())
+        key = (meta.origin, meta.step)
+        self._step_log[key] = (state, time.monotonic(), size)
+        self._step_log.move_to_end(key)
+        while len(self._step_log) > STEP_LOG_SIZE:
+            self._step_log.popitem(last=False)
+
+    def _progress(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """A PING's answer about the steps it names (``origin``, ``steps``): for each, ``none`` (never
+        received), ``queued`` (received, not passed on yet) or ``sent``, with the seconds since then
+        and the bytes passed on."""
+        origin, steps = meta.get("origin"), meta.get("steps")
+        if not isinstance(origin, str) or not isinstance(steps, list):
+            return {}
+        out: dict[str, list[Any]] = {}
+        now = time.monotonic()
+        for step in steps[:64]:
+            if isinstance(step, int) and not isinstance(step, bool):
+                state, t, size = self._step_log.get((origin, step), ("none", now, 0))
+                out[str(step)] = [state, round(now - t, 3), size]
+        return {"steps": out}
 
     async def _post_failed(self, address: str, meta: ForwardMeta, failed: str | None, exc: Exception) -> None:
         if failed is None:
@@ -696,13 +988,21 @@ class Node:
         with contextlib.suppress(TransportError, LpipesError):
             await self.send(meta.reply_to, err)
 
-    async def _on_end(self, frame: Frame, ctx: PeerContext) -> None:
+    async def _on_end(self, frame: Frame, ctx: PeerContext) -> Frame | None:
         meta = _parse(EndMeta, frame)
+        if ctx.peer_node_id != meta.origin:
+            return self._forbidden(
+                ctx,
+                frame,
+                f"END_SESSION of {len(meta.sessions)} session(s) of origin {meta.origin!r} came from "
+                f"{ctx.peer_node_id!r}: only a session's origin ends it",
+            )
         keys = [f"{meta.origin}.{sid}" for sid in meta.sessions]
         for key in keys:
             self._sessions.pop(key, None)
         if self.executor is not None:
             await self._computed(self._end_sessions, keys)
+        return None
 
     def _end_sessions(self, keys: list[str]) -> None:
         for key in keys:
@@ -721,11 +1021,19 @@ class Node:
                 await self._computed(self._end_sessions, idle)
 
     # -------------------------------------------------------------------- origin
-    def _on_result(self, frame: Frame) -> None:
+    def _on_result(self, frame: Frame, ctx: PeerContext) -> Frame | None:
         meta = _parse(ResultMeta, frame)
         p = self._pending.get(meta.step)
         if p is None:
-            return  # a step that already failed over
+            return None  # a step that already failed over
+        last = p.route[-1].node_id
+        if ctx.peer_node_id != last or meta.sessions != p.sessions:
+            return self._forbidden(
+                ctx,
+                frame,
+                f"RESULT of step {meta.step} came from {ctx.peer_node_id!r}: only the last hop of its "
+                f"route, {last!r}, returns it, for the step's own sessions",
+            )
         hidden = check_tensor(
             frame,
             "hidden",
@@ -736,16 +1044,33 @@ class Node:
         if p.timer is not None:
             p.timer.cancel()
         p.future.set_result(hidden)
+        return None
 
-    def _fail_step(self, step: Any, meta: dict[str, Any]) -> None:
-        if not isinstance(step, int) or step not in self._pending:
-            return
-        code = str(meta.get("code", "error"))
-        message = str(meta.get("message", ""))
-        failed = meta.get("failed") if code == "hop_failed" else meta.get("node_id")
-        node = failed if isinstance(failed, str) else None
+    def _on_error(self, frame: Frame, ctx: PeerContext) -> Frame | None:
+        """A hop's report that a step failed. Only a hop of that step's route may fail it, and the
+        node marked is the sender itself or, for ``hop_failed``, the hop right after it (the only one
+        it sends to), so no report can get an unrelated node marked."""
+        step = frame.meta.get("step")
+        p = self._pending.get(step) if isinstance(step, int) else None
+        if p is None:
+            return None  # a step that already failed over, or none of this node's
+        ids = [h.node_id for h in p.route]
+        sender = ctx.peer_node_id
+        if sender not in ids:
+            return self._forbidden(
+                ctx,
+                frame,
+                f"ERROR for step {step} came from {sender!r}, which is not a hop of its route {ids}",
+            )
+        code = str(frame.meta.get("code", "error"))
+        message = str(frame.meta.get("message", ""))
+        node = sender
+        i = ids.index(sender)
+        if code == "hop_failed" and i + 1 < len(ids) and frame.meta.get("failed") == ids[i + 1]:
+            node = ids[i + 1]
         # Any hop failure reroutes (the next route may not have the problem); MAX_FAILOVERS bounds it.
-        self._fail(step, RouteFailedError(f"{node or 'a peer'} failed the step ({code}): {message}", node))
+        self._fail(step, RouteFailedError(f"{node} failed the step ({code}): {message}", node))
+        return None
 
     def _fail(self, step: int, exc: BaseException) -> None:
         """Complete an outstanding step with ``exc``; a failed peer named by it is marked."""
@@ -782,9 +1107,13 @@ class Node:
                 "sessions": sessions,
                 "lens": lens,
                 "route": [h.to_json() for h in route],
+                "hop": 0,
             }
             frame = Frame(MessageType.FORWARD, meta, tensors)
-            self._pending[step] = p = _Pending(future, route, time.monotonic())
+            size = sum(int(t.numel()) * t.element_size() for t in tensors.values())
+            self._pending[step] = p = _Pending(
+                future, route, time.monotonic(), size=size, sessions=list(sessions)
+            )
             p.timer = self.loop.call_later(HEARTBEAT_S, self._heartbeat, step)  # type: ignore[union-attr]
             if not self._send_now(first.address, frame):
                 self._spawn(self._send_step(step, first, frame))
@@ -816,9 +1145,13 @@ class Node:
         self._spawn(self._check_step(step, p))
 
     async def _check_step(self, step: int, p: _Pending) -> None:
-        """Ping every hop of an outstanding step; fail it on a silent hop, else check again later."""
+        """Ping every hop of an outstanding step; fail it on a silent hop or when a hop passed it on
+        but the next never received it (see ``LOST_GRACE_S``), else check again later."""
         try:
-            await self._check_hops(p.route)
+            replies = await self._check_hops(p.route, step)
+            lost = _lost_between(p, replies)
+            if lost is not None:
+                raise lost
         except RouteFailedError as exc:
             self._fail(step, exc)
             return
@@ -833,11 +1166,16 @@ class Node:
         self.begin_step(route, sessions, lens, tensors, future)
         return await asyncio.wrap_future(future)
 
-    async def _check_hops(self, route: list[Hop]) -> None:
-        async def ping(h: Hop) -> None:
+    async def _check_hops(self, route: list[Hop], step: int | None = None) -> list[Frame]:
+        """Ping every hop (asking about ``step``); their PONGs in route order, or the
+        :class:`RouteFailedError` of a hop that did not answer."""
+        meta = {} if step is None else {"origin": self.s.node_id, "steps": [step]}
+
+        async def ping(h: Hop) -> Frame:
             try:
                 reply = await asyncio.wait_for(
-                    self.request(h.address, Frame(MessageType.PING), timeout=PING_TIMEOUT_S), PING_TIMEOUT_S
+                    self.request(h.address, Frame(MessageType.PING, meta), timeout=PING_TIMEOUT_S),
+                    PING_TIMEOUT_S,
                 )
             except (TransportError, LpipesError, TimeoutError, OSError) as exc:
                 why = str(exc) or f"no answer to a ping within {PING_TIMEOUT_S:g} s"
@@ -846,17 +1184,51 @@ class Node:
                 ) from None
             if reply.type != MessageType.PONG:
                 raise RouteFailedError(f"hop {h.node_id} answered a ping with {reply.type.name}", h.node_id)
+            if reply.meta.get("node_id") != h.node_id:
+                raise RouteFailedError(
+                    f"hop {h.node_id}'s address {h.address} answers as {reply.meta.get('node_id')!r} now",
+                    h.node_id,
+                )
+            return reply
 
         results = await asyncio.gather(*(ping(h) for h in route), return_exceptions=True)
         for r in results:
-            if isinstance(r, RouteFailedError):
+            if isinstance(r, BaseException):
                 raise r
+        return results  # type: ignore[return-value]
 
     async def end_sessions(self, route: list[Hop], sessions: list[str]) -> None:
         frame = Frame(MessageType.END_SESSION, {"origin": self.s.node_id, "sessions": sessions})
         for h in route:
             with contextlib.suppress(TransportError, LpipesError, OSError, TimeoutError):
                 await asyncio.wait_for(self.send(h.address, frame), 5.0)
+
+
+def _lost_between(p: _Pending, replies: list[Frame]) -> RouteFailedError | None:
+    """The error for a step that a hop (or the origin) passed on long enough ago while the next hop
+    reports never having received it; None while the step may still be on its way."""
+    step = str(next(iter(replies[0].meta.get("steps", {})), "")) if replies else ""
+    if not step:
+        return None
+    prev_state, prev_age, prev_bytes = "sent", time.monotonic() - p.started, p.size
+    prev_name = "the origin"
+    for hop, reply in zip(p.route, replies):
+        entry = reply.meta.get("steps", {}).get(step)
+        if not (isinstance(entry, list) and len(entry) == 3):
+            return None  # a hop that does not report progress: only liveness is known
+        state, age, size = entry
+        allowance = LOST_GRACE_S + prev_bytes / (LOST_MIN_MBPS * 1e6)
+        if state == "none" and prev_state == "sent" and prev_age > allowance:
+            return RouteFailedError(
+                f"step lost between {prev_name} and hop {hop.node_id}: passed on {prev_age:.1f} s ago, "
+                "never received",
+                hop.node_id,
+            )
+        prev_state, prev_age, prev_bytes, prev_name = state, float(age), int(size), f"hop {hop.node_id}"
+    if prev_state == "sent" and prev_age > 2 * LOST_GRACE_S + prev_bytes / (LOST_MIN_MBPS * 1e6):
+        # The last hop sent its RESULT, which never arrived (or arrived after the step failed over).
+        return RouteFailedError(f"the result of step {step} was lost on its way back from {prev_name}")
+    return None
 
 
 class RemoteStage:
@@ -874,7 +1246,10 @@ class RemoteStage:
         self.start = start
         self.end = end
         self.route: list[Hop] | None = None
-        self._sessions: dict[str, list[Hop]] = {}
+        # session id -> (its id on the wire, its route). A session's wire id changes each time it
+        # starts again (a replay after failover): a late END_SESSION of the old one cannot end it.
+        self._sessions: dict[str, tuple[str, list[Hop]]] = {}
+        self._incarnation = itertools.count(1)
         self._lock = threading.Lock()
 
     def plan(self) -> list[Hop]:
@@ -920,15 +1295,18 @@ class RemoteStage:
             raise NoRouteError("the node's network is not running")
         route = self._current_route()
         lens = [int(x.hidden.shape[0]) for x in inputs]
-        sessions = [x.session_id for x in inputs]
+        sessions = []
+        for x in inputs:
+            known = self._sessions.get(x.session_id)
+            wire_id = known[0] if known is not None else f"{x.session_id}.{next(self._incarnation)}"
+            self._sessions[x.session_id] = (wire_id, route)
+            sessions.append(wire_id)
         tensors = {
             "hidden": torch.cat([x.hidden for x in inputs]).contiguous(),
             "positions": torch.cat([x.positions for x in inputs]).to(torch.int64).contiguous(),
         }
         if inputs[0].per_layer is not None:
             tensors["per_layer"] = torch.cat([x.per_layer for x in inputs]).contiguous()
-        for sid in sessions:
-            self._sessions[sid] = route
         dtype = inputs[0].hidden.dtype
         step: concurrent.futures.Future = concurrent.futures.Future()
         out: concurrent.futures.Future = concurrent.futures.Future()
@@ -951,8 +1329,9 @@ class RemoteStage:
         return out
 
     def end_session(self, session_id: str) -> None:
-        route = self._sessions.pop(session_id, None)
+        known = self._sessions.pop(session_id, None)
         loop = self.node.loop
-        if route is None or loop is None or loop.is_closed():
+        if known is None or loop is None or loop.is_closed():
             return
-        asyncio.run_coroutine_threadsafe(self.node.end_sessions(route, [session_id]), loop)
+        wire_id, route = known
+        asyncio.run_coroutine_threadsafe(self.node.end_sessions(route, [wire_id]), loop)

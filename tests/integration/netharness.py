@@ -44,6 +44,7 @@ class Proc:
     proc: subprocess.Popen
     log: Path
     trace: Path
+    log_offset: int = 0  # where this run's lines start in ``log`` (a restart appends)
 
 
 @dataclass
@@ -62,8 +63,11 @@ class Network:
         bootstrap: str | None = None,
         key: Path | None = None,
         extra_model: str = "",
+        extra_api: str = "",
+        env: dict[str, str] | None = None,
         wait: bool = True,
     ) -> Proc:
+        """Write ``name``'s TOML file and start it (``env``: extra environment, e.g. fault injection)."""
         quic = free_port(socket.SOCK_DGRAM)
         lines = [
             f'node_id = "{name}"',
@@ -77,7 +81,7 @@ class Network:
         if bootstrap:
             lines.append(f'bootstrap = ["{bootstrap}"]')
         if origin:
-            lines += ["[api]", f'listen = "127.0.0.1:{free_port()}"']
+            lines += ["[api]", f'listen = "127.0.0.1:{free_port()}"', extra_api]
         lines += [
             "[[models]]",
             f'path = "{self.model}"',
@@ -88,6 +92,10 @@ class Network:
         ]
         cfg = self.root / f"{name}.toml"
         cfg.write_text("\n".join(lines) + "\n")
+        return self.launch(name, cfg, env=env, wait=wait)
+
+    def launch(self, name: str, cfg: Path, *, env: dict[str, str] | None = None, wait: bool = True) -> Proc:
+        """Start ``lpipes serve --config cfg`` as ``name`` (again, after :meth:`kill`: same address)."""
         log = self.root / f"{name}.log"
         trace = self.root / f"{name}.frames.jsonl"
         env = {
@@ -95,15 +103,17 @@ class Network:
             "HF_HUB_OFFLINE": "1",
             "LPIPES_NUM_THREADS": "1",
             "LPIPES_TRACE_FRAMES": str(trace),
+            **(env or {}),
         }
-        with open(log, "wb") as out:
+        offset = log.stat().st_size if log.exists() else 0
+        with open(log, "ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "lpipes.cli.main", "-v", "serve", "--config", str(cfg)],
                 env=env,
                 stdout=subprocess.DEVNULL,
                 stderr=out,
             )
-        p = Proc(name, cfg, proc, log, trace)
+        p = Proc(name, cfg, proc, log, trace, offset)
         self.procs[name] = p
         if wait:
             self.wait_ready(p)
@@ -125,7 +135,7 @@ class Network:
         while time.monotonic() < deadline:
             if p.proc.poll() is not None:
                 pytest.fail(f"{p.name} exited with {p.proc.returncode}:\n{p.log.read_text()[-3000:]}")
-            log = p.log.read_bytes()
+            log = p.log.read_bytes()[p.log_offset :]
             if b" of " in log and b"peers on quic://" in log:
                 if "[api]" not in p.config.read_text():
                     return
@@ -153,6 +163,26 @@ class Network:
         p = self.procs[name]
         p.proc.send_signal(signal.SIGKILL)
         p.proc.wait(timeout=30)
+
+    def restart(self, name: str, *, wait: bool = True) -> Proc:
+        """Start a killed node again from its own TOML file (same node id, same address)."""
+        return self.launch(name, self.procs[name].config, wait=wait)
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send ``sig`` (e.g. SIGSTOP / SIGCONT) to ``name``'s process, by PID."""
+        self.procs[name].proc.send_signal(sig)
+
+    def rss_mb(self, name: str) -> float:
+        """Resident memory of ``name``'s process, MiB."""
+        with open(f"/proc/{self.procs[name].proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError(f"no VmRSS for {name}")
+
+    def kv_used(self, name: str) -> dict[str, int]:
+        """Every peer's used KV blocks, as ``name`` sees the network."""
+        return {p["node_id"]: p["kv_blocks_used"] for p in self.status(name)["peers"]}
 
     def stop_all(self) -> None:
         for p in self.procs.values():

@@ -180,7 +180,7 @@ def test_layer_peers_never_see_token_ids(three, hf):
     client(three.api("origin")).completions.create(
         model="tiny-qwen3", prompt=prompt, temperature=0, max_tokens=4, extra_body={"ignore_eos": True}
     )
-    allowed_meta = {"step", "origin", "reply_to", "sessions", "lens", "route"}
+    allowed_meta = {"step", "origin", "reply_to", "sessions", "lens", "route", "hop"}
     seen_forward = 0
     for name in ("peer-a", "peer-b"):
         for f in three.frames(name):

@@ -182,3 +182,35 @@ def test_unreachable_peer_is_a_clear_error():
             await PeerConnection.open("127.0.0.1", 9, node_id="origin", key=KEY)
 
     run(main())
+
+
+def test_the_client_proves_its_certificate_and_the_server_may_refuse_its_id():
+    from lpipes.net.tls import make_certificate
+
+    async def main():
+        claims: list[tuple[str, bytes]] = []
+
+        async def identify(node_id: str, fp: bytes) -> None:
+            claims.append((node_id, fp))
+            if node_id == "taken":
+                raise AuthError("that id is bound to another certificate", "identity")
+
+        echo = Echo()
+        server = PeerServer("layer-1", echo, key=KEY, identify=identify)
+        _, port = await server.start("127.0.0.1", 0)
+        try:
+            cert = make_certificate("origin")
+            conn = await PeerConnection.open("127.0.0.1", port, node_id="origin", key=KEY, cert=cert)
+            assert claims == [("origin", cert.fingerprint)]  # the id comes with the proven certificate
+            assert conn.peer_fp == server.cert.fingerprint  # and the server's, covered by its proof
+            with pytest.raises(AuthError, match="bound to another certificate"):
+                await PeerConnection.open("127.0.0.1", port, node_id="taken", key=KEY)
+            with pytest.raises(AuthError, match="own id"):
+                await PeerConnection.open("127.0.0.1", port, node_id="layer-1", key=KEY)
+            assert (await conn.request(Frame(MessageType.PING, {"t": 5}))).meta["t"] == 5
+            assert [f.type for f in echo.seen] == [MessageType.PING] and server.refused == 2
+            await conn.close()
+        finally:
+            await server.close()
+
+    run(main())

@@ -17,6 +17,7 @@ def rec(node_id: str, start: int, end: int, *, ms: float = 0.0, version: int = 1
     return PeerRecord(
         node_id=node_id,
         address=kw.pop("address", "127.0.0.1:5000"),
+        cert_fp=kw.pop("cert_fp", "aa" * 32),
         model="m",
         model_hash="ab" * 16,
         num_layers=kw.pop("num_layers", 6),
@@ -113,3 +114,32 @@ def test_expired_records_are_not_brought_back_by_stale_gossip():
     assert m.expire(now=time.monotonic() + 6) == ["a"]
     assert m.merge([old]) == 0 and m.get("a") is None
     assert m.merge([rec("a", 0, 3, version=5).model_dump()]) == 1  # alive again
+
+
+def test_a_live_nodes_id_stays_bound_to_its_address_and_certificate():
+    m = Membership("me", KEY, peer_timeout_s=5.0)
+    fp_a, fp_b = "aa" * 32, "bb" * 32
+
+    def signed(version: int, cert_fp: str, address: str = "127.0.0.1:5000") -> dict:
+        record = rec("a", 0, 3, version=version, cert_fp=cert_fp, address=address)
+        return sign_record(record, KEY).model_dump()
+
+    t0 = time.monotonic()
+    assert m.merge([signed(1, fp_a)], now=t0) == 1
+    # Any key holder can sign: a newer record naming another address (even "first-hand"), or another
+    # certificate at the node's own address, does not replace the live binding.
+    elsewhere = signed(2, fp_b, "10.0.0.9:5000")
+    assert m.merge([elsewhere], now=t0) == 0
+    assert m.merge([elsewhere], verified=("a", fp_b), now=t0) == 0
+    restarted = signed(3, fp_b)
+    assert m.merge([restarted], now=t0) == 0
+    assert m.get("a").cert_fp == fp_a and m.conflicts == 3
+    # The same-address claim is handed out once, to be confirmed by probing that address.
+    assert [r.cert_fp for r in m.take_unverified()] == [fp_b] and m.take_unverified() == []
+    # First-hand (the connection authenticated "a" with that certificate) at the same address: a restart.
+    assert m.merge([restarted], verified=("a", fp_b), now=t0) == 1 and m.get("a").cert_fp == fp_b
+    # Once the binding is stale (not refreshed for peer_timeout_s), any newer record takes the id.
+    moved = signed(4, fp_a, "10.0.0.9:5000")
+    assert m.merge([moved], now=t0 + 1) == 0
+    assert m.merge([moved], now=t0 + 6) == 1 and m.get("a").address == "10.0.0.9:5000"
+    assert m.binding("a", now=t0 + 7) is not None and m.binding("a", now=t0 + 12) is None

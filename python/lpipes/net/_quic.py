@@ -133,6 +133,11 @@ def _is_closed(protocol: Any) -> bool:
     return getattr(protocol._quic, "_close_event", None) is not None or protocol._closed.is_set()
 
 
+def is_closed(protocol: Any) -> bool:
+    """True once either end closed the connection (or it terminated)."""
+    return _is_closed(protocol)
+
+
 def has_room(writer: asyncio.StreamWriter, bound: int = DRAIN_BOUND_BYTES) -> bool:
     """True if at most ``bound`` bytes of this QUIC stream are unsent (the state :func:`drain` waits
     for): a write now needs no wait. False for a full stream, or a stream that is not QUIC.
@@ -337,6 +342,7 @@ __all__ = [
     "connect",
     "drain",
     "has_room",
+    "is_closed",
     "peer_address",
     "peer_fingerprint",
     "serve",

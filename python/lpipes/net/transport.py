@@ -21,13 +21,24 @@ import math
 import ssl
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lpipes.errors import LpipesError
 from lpipes.net import _quic
-from lpipes.net.auth import AuthError, check_nonce, check_proof, new_nonce, proof
+from lpipes.net.auth import (
+    AuthError,
+    cert_fingerprint,
+    check_node_id,
+    check_nonce,
+    check_proof,
+    new_nonce,
+    proof,
+    sign_identity,
+    transcript,
+    verify_identity,
+)
 from lpipes.net.tls import NodeCertificate, make_certificate
 from lpipes.wire import (
     DEFAULT_LIMITS,
@@ -47,7 +58,7 @@ log = logging.getLogger(__name__)
 ALPN = "lpipes/1"
 DEFAULT_TIMEOUT_S = 30.0
 HANDSHAKE_TIMEOUT_S = 10.0
-REFUSAL_LOG_INTERVAL_S = 60.0  # refused peers are warned of once per host per this many seconds
+REFUSAL_LOG_INTERVAL_S = 60.0  # a refusal is warned of once per (host, reason) per this many seconds
 
 
 class TransportError(LpipesError, ConnectionError):
@@ -66,7 +77,7 @@ def quic_configuration(*, is_client: bool, cert: NodeCertificate | None = None) 
     """QUIC settings tuned for tensor frames (``_quic.TUNING``; measured in bench/transport.py)."""
     cfg = _quic.QuicConfiguration(is_client=is_client, alpn_protocols=[ALPN], **_quic.TUNING)
     if cert is not None:
-        cfg.load_cert_chain(str(cert.cert_file), str(cert.key_file))
+        cfg.load_cert_chain(cert.cert_pem, cert.key_pem)
     if is_client:
         # Peers are authenticated by the network key, bound to the certificate's fingerprint. qh3 has a
         # separate host-name switch; CERT_NONE already skips it in qh3 2.1, off anyway for the same reason.
@@ -133,24 +144,53 @@ def _raise_if_error(frame: Frame) -> Frame:
     return frame
 
 
+class RefusalLog:
+    """Warnings of refused peers and frames, rate-limited: one per key every ``interval_s`` (a
+    misconfigured or hostile peer retries every gossip round, or every frame), the rest at debug
+    level. Keys are small tuples such as (host, reason) or (sender node id, frame type)."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = REFUSAL_LOG_INTERVAL_S) -> None:
+        self.logger = logger
+        self.interval_s = interval_s
+        self.count = 0
+        self._last: dict[Hashable, float] = {}
+
+    def warn(self, key: Hashable, msg: str, *args: Any) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last.get(key, -math.inf) < self.interval_s:
+            self.logger.debug(msg, *args)
+            return
+        if len(self._last) > 1024:
+            self._last.clear()
+        self._last[key] = now
+        self.logger.warning(msg, *args)
+
+
 # ------------------------------------------------------------------------------------- server
 Handler = Callable[[Frame, "PeerContext"], Awaitable[Frame | None]]
+# Called during a handshake with the client's node id and certificate fingerprint once both proofs
+# and the signature verified; raises AuthError to refuse that identity.
+Identify = Callable[[str, bytes], Awaitable[None]]
 
 
 @dataclass
 class PeerContext:
-    """What a handler knows about the connection a frame came from."""
+    """What a handler knows about the connection a frame came from: the peer's node id, bound by
+    the handshake to the certificate whose fingerprint is ``peer_fp``."""
 
     peer_node_id: str
     address: tuple[str, int] | None
+    peer_fp: bytes = b""
     state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class _Conn:
-    authenticated: asyncio.Event = field(default_factory=asyncio.Event)
+    authenticated: asyncio.Event = field(default_factory=asyncio.Event)  # also set when refused
     ctx: PeerContext | None = None
     handshake_started: bool = False
+    refused: bool = False
 
 
 class PeerServer:
@@ -170,6 +210,7 @@ class PeerServer:
         limits: WireLimits = DEFAULT_LIMITS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         idle_timeout_s: float = 300.0,
+        identify: Identify | None = None,
     ) -> None:
         self.node_id = node_id
         self.handler = handler
@@ -177,6 +218,7 @@ class PeerServer:
         self.limits = limits
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.identify = identify
         self.cert = make_certificate(node_id)
         self._server: Any = None
         # Keyed by the connection's protocol object itself (weakly): an id() can be reused by a later
@@ -185,7 +227,7 @@ class PeerServer:
         self._tasks: set[asyncio.Task] = set()
         self.address: tuple[str, int] | None = None
         self.refused = 0  # connections dropped for failing authentication
-        self._refusals_logged: dict[str, float] = {}  # peer host -> when its refusal was last warned of
+        self._refusals = RefusalLog(log)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         cfg = quic_configuration(is_client=False, cert=self.cert)
@@ -227,6 +269,8 @@ class PeerServer:
                     conn.handshake_started = True
                     handshake = self._handshake(reader, writer, protocol, conn)
                     await asyncio.wait_for(handshake, HANDSHAKE_TIMEOUT_S)
+            if conn.refused:  # a stream of a connection being closed: nothing of it is read
+                return
             assert conn.ctx is not None
             while True:
                 try:
@@ -249,60 +293,66 @@ class PeerServer:
                 if reply is not None:
                     await write_frame(writer, reply, self.limits)
         except (AuthError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = AuthError(f"no handshake within {HANDSHAKE_TIMEOUT_S:g} s")
             self.refused += 1
             self._log_refusal(protocol, exc)
+            # Every other stream of the connection is dropped unread, now and until it is closed.
+            conn.refused = True
+            conn.authenticated.set()
             with contextlib.suppress(Exception):
                 await write_frame(writer, error_frame("unauthenticated", str(exc)), self.limits)
             # Close once the ERROR frame had a moment to leave; nothing else is read meanwhile.
             asyncio.get_running_loop().call_later(0.5, protocol.close)
-            self._conns.pop(protocol, None)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
             with contextlib.suppress(Exception):
                 writer.write_eof()
 
-    def _log_refusal(self, protocol: Any, exc: BaseException) -> None:
-        """A warning per peer host every ``REFUSAL_LOG_INTERVAL_S`` (a misconfigured node retries
-        every gossip round); the rest at debug level."""
+    def _log_refusal(self, protocol: Any, exc: AuthError) -> None:
+        """A warning per (peer host, reason) every ``REFUSAL_LOG_INTERVAL_S``; the rest at debug level."""
         addr = _quic.peer_address(protocol)
         host = addr[0] if addr else "?"
-        now = time.monotonic()
-        if now - self._refusals_logged.get(host, -math.inf) < REFUSAL_LOG_INTERVAL_S:
-            log.debug("refusing a peer at %s: %s", host, exc)
-            return
-        if len(self._refusals_logged) > 1024:
-            self._refusals_logged.clear()
-        self._refusals_logged[host] = now
-        log.warning("refusing a peer at %s: %s (%d refused so far)", host, exc, self.refused)
+        self._refusals.warn(
+            (host, exc.reason), "refusing a peer at %s: %s (%d refused so far)", host, exc, self.refused
+        )
 
     async def _handshake(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: Any, conn: _Conn
     ) -> None:
+        """The server's side of the handshake (``lpipes.net.auth``); raises :class:`AuthError`."""
         try:
             hello = await read_frame(reader, self.limits, timeout=None)
         except WireError as exc:
             raise AuthError(f"handshake: {exc}") from None
         if hello is None or hello.type != MessageType.HELLO:
             raise AuthError("handshake: the first frame must be HELLO")
-        peer_id = hello.meta.get("node_id")
-        if not isinstance(peer_id, str) or not 0 < len(peer_id) <= 64:
-            raise AuthError("handshake: HELLO needs a node_id")
+        peer_id = check_node_id(hello.meta.get("node_id"))
         nonce_c = check_nonce(hello.meta.get("nonce"))
         nonce_s = new_nonce()
-        fp = self.cert.fingerprint
-        mine = proof(self.key, "server", nonce_c, nonce_s, fp)
+        t = transcript(nonce_c, nonce_s, peer_id, self.node_id, self.cert.fingerprint)
+        mine = proof(self.key, "server", t)
         welcome = Frame(MessageType.WELCOME, {"node_id": self.node_id, "nonce": nonce_s, "proof": mine})
         await write_frame(writer, welcome, self.limits)
         try:
             final = await read_frame(reader, self.limits, timeout=None)
         except WireError as exc:
             raise AuthError(f"handshake: {exc}") from None
-        if final is None or final.type != MessageType.HELLO or final.meta.get("nonce") != nonce_c:
+        if final is None or final.type != MessageType.HELLO:
             raise AuthError("handshake: expected the client's proof")
-        check_proof(self.key, final.meta.get("proof"), "client", nonce_s, nonce_c, fp)
+        if final.meta.get("nonce") != nonce_c or final.meta.get("node_id") != peer_id:
+            raise AuthError("handshake: the second HELLO must repeat the first one's node_id and nonce")
+        # The proof first (cheap, and it refuses outsiders), then the signature by the certificate.
+        fp_c = cert_fingerprint(final.meta.get("cert"))
+        check_proof(self.key, final.meta.get("proof"), "client", t, fp_c)
+        verify_identity(final.meta.get("cert"), final.meta.get("sig"), t)
+        if peer_id == self.node_id:
+            raise AuthError(f"the peer claims this node's own id {peer_id!r}", "identity")
+        if self.identify is not None:
+            await self.identify(peer_id, fp_c)
         await write_frame(writer, Frame(MessageType.WELCOME, {"ok": True}), self.limits)
-        conn.ctx = PeerContext(peer_id, _quic.peer_address(protocol))
+        conn.ctx = PeerContext(peer_id, _quic.peer_address(protocol), fp_c)
         conn.authenticated.set()
 
 
@@ -359,6 +409,7 @@ class PeerConnection:
         self._stack = contextlib.AsyncExitStack()
         self.protocol: Any = None
         self.peer_node_id = ""
+        self.peer_fp = b""  # the server's certificate fingerprint, covered by its proof
         self.limits = DEFAULT_LIMITS
         self.timeout_s = DEFAULT_TIMEOUT_S
 
@@ -370,15 +421,22 @@ class PeerConnection:
         *,
         node_id: str,
         key: bytes | None = None,
+        cert: NodeCertificate | None = None,
         limits: WireLimits = DEFAULT_LIMITS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
     ) -> PeerConnection:
-        """Connect and run the handshake; raises :class:`TransportError` or :class:`AuthError`."""
+        """Connect and run the handshake; raises :class:`TransportError` or :class:`AuthError`.
+
+        ``cert`` is this node's certificate (its listener's), whose key signs the handshake: the
+        peer binds ``node_id`` to it. A client without a listener (``lpipes status``) leaves it out
+        and gets a fresh one.
+        """
         self = cls()
         self.limits, self.timeout_s = limits, timeout_s
+        cert = cert or make_certificate(node_id)
         try:
-            await asyncio.wait_for(self._connect(host, port, node_id, key), handshake_timeout_s)
+            await asyncio.wait_for(self._connect(host, port, node_id, key, cert), handshake_timeout_s)
         except TimeoutError:
             await self.close()
             raise TransportError(
@@ -400,7 +458,11 @@ class PeerConnection:
             raise TransportError(f"cannot connect to {host}:{port}: {exc}") from None
         return self
 
-    async def _connect(self, host: str, port: int, node_id: str, key: bytes | None) -> None:
+    async def _connect(
+        self, host: str, port: int, node_id: str, key: bytes | None, cert: NodeCertificate
+    ) -> None:
+        """The client's side of the handshake (``lpipes.net.auth``): the server's proof is checked
+        before anything of this node's proof or identity leaves."""
         self.protocol = await self._stack.enter_async_context(
             _quic.connect(host, port, configuration=quic_configuration(is_client=True), wait_connected=True)
         )
@@ -410,15 +472,26 @@ class PeerConnection:
             welcome = await stream.request(Frame(MessageType.HELLO, {"node_id": node_id, "nonce": nonce_c}))
             if welcome.type != MessageType.WELCOME:
                 raise AuthError("handshake: expected WELCOME")
+            peer_id = check_node_id(welcome.meta.get("node_id"))
             nonce_s = check_nonce(welcome.meta.get("nonce"))
-            fp = _quic.peer_fingerprint(self.protocol)
-            check_proof(key, welcome.meta.get("proof"), "server", nonce_c, nonce_s, fp)
-            mine = proof(key, "client", nonce_s, nonce_c, fp)
-            final = Frame(MessageType.HELLO, {"node_id": node_id, "nonce": nonce_c, "proof": mine})
+            fp_s = _quic.peer_fingerprint(self.protocol)
+            t = transcript(nonce_c, nonce_s, node_id, peer_id, fp_s)
+            check_proof(key, welcome.meta.get("proof"), "server", t)
+            cert_hex, sig = sign_identity(cert, t)
+            final = Frame(
+                MessageType.HELLO,
+                {
+                    "node_id": node_id,
+                    "nonce": nonce_c,
+                    "cert": cert_hex,
+                    "sig": sig,
+                    "proof": proof(key, "client", t, cert.fingerprint),
+                },
+            )
             ok = await stream.request(final)
             if ok.meta.get("ok") is not True:
                 raise AuthError("handshake: the peer did not accept the proof")
-            self.peer_node_id = str(welcome.meta.get("node_id"))
+            self.peer_node_id, self.peer_fp = peer_id, fp_s
         finally:
             stream.close()
 

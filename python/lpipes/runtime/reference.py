@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lpipes.errors import ContextLengthError, LayerSpanError
+from lpipes.errors import ContextLengthError, LayerSpanError, SessionError
 from lpipes.models.arch import attention_window, check_span, kv_producers, layer_types, rope_couples_sequences
 from lpipes.models.checkpoint import Checkpoint
 from lpipes.models.modules import load_decoder_layers, parse_dtype
@@ -282,7 +282,14 @@ def check_inputs(
             if x.per_layer is None or tuple(x.per_layer.shape) != want:
                 got = None if x.per_layer is None else list(x.per_layer.shape)
                 raise ValueError(f"{who}: per-layer inputs must be {list(want)}, got {got}")
-        total = cache.length(x.session_id) + t
+        cached = cache.length(x.session_id)
+        if int(x.positions[0]) != cached:
+            # A step lost, repeated or out of order (e.g. a replay that overtook its session's end):
+            # running it would attend to the wrong context and give wrong tokens, not an error.
+            raise SessionError(
+                f"{who} holds {cached} tokens here, but its step starts at position {int(x.positions[0])}"
+            )
+        total = cached + t
         if context_length and total > context_length:
             raise ContextLengthError(
                 f"session {x.session_id!r} would hold {total} tokens, more than the model's "

@@ -4,7 +4,10 @@ A record is issued by its node only; ``version`` grows with every issue, so the 
 node wins wherever records meet. With a network key the record carries an HMAC-SHA256 signature by
 that key over its canonical JSON (every field but ``signature``, sorted keys), so a record that was
 altered on the way, or made up by someone without the key, is dropped. The key authenticates
-membership, not identity: any key holder can sign any record (``docs/threat-model.md``).
+membership, not identity: any key holder can sign any record. What binds a node id is ``cert_fp``, the
+fingerprint of the certificate the node's listener presents and its handshakes are signed with;
+:class:`~lpipes.swarm.membership.Membership` keeps a live node's id bound to it
+(``docs/threat-model.md``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lpipes.errors import LpipesError
+from lpipes.net.auth import NODE_ID_PATTERN
 
-NODE_ID_PATTERN = r"^[A-Za-z0-9._-]+$"
+__all__ = ["NODE_ID_PATTERN", "PeerRecord", "RecordError", "parse_record", "sign_record"]
 
 
 class RecordError(LpipesError, ValueError):
@@ -32,6 +36,7 @@ class PeerRecord(BaseModel):
 
     node_id: Annotated[str, Field(min_length=1, max_length=64, pattern=NODE_ID_PATTERN)]
     address: Annotated[str, Field(min_length=3, max_length=262)]  # HOST:PORT of its QUIC listener
+    cert_fp: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # SHA-256 of its certificate (DER), hex
     model: Annotated[str, Field(max_length=256)]  # display name: hub id or directory name
     model_hash: Annotated[str, Field(min_length=16, max_length=64, pattern=r"^[0-9a-f]+$")]
     num_layers: Annotated[int, Field(ge=1, le=100_000)]
