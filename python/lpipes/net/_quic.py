@@ -286,22 +286,30 @@ async def connect(
 ) -> AsyncIterator[Any]:
     """qh3's ``connect`` with :class:`QuicProtocol` and enlarged socket buffers; closes on exit."""
     kwargs.setdefault("create_protocol", QuicProtocol)
-    async with _qh3_connect(
-        host, port, configuration=configuration, wait_connected=False, **kwargs
-    ) as protocol:
-        set_socket_buffers(protocol._transport.get_extra_info("socket"))
-        if wait_connected:
-            try:
-                await protocol.wait_connected()
-            except BaseException:
-                # Cancelled (a handshake timeout): qh3 later fails its connected-waiter with
-                # ConnectionError when the connection closes; retrieve it so asyncio logs no
-                # "Future exception was never retrieved".
-                waiter = protocol._connected_waiter
-                if waiter is not None:
-                    waiter.add_done_callback(_retrieve)
-                raise
-        yield protocol
+    transport = None
+    try:
+        async with _qh3_connect(
+            host, port, configuration=configuration, wait_connected=False, **kwargs
+        ) as protocol:
+            transport = protocol._transport
+            set_socket_buffers(transport.get_extra_info("socket"))
+            if wait_connected:
+                try:
+                    await protocol.wait_connected()
+                except BaseException:
+                    # Cancelled (a handshake timeout): qh3 later fails its connected-waiter with
+                    # ConnectionError when the connection closes; retrieve it so asyncio logs no
+                    # "Future exception was never retrieved".
+                    waiter = protocol._connected_waiter
+                    if waiter is not None:
+                        waiter.add_done_callback(_retrieve)
+                    raise
+            yield protocol
+    finally:
+        # qh3 closes its socket only after the connection's close completed: an exit cancelled while
+        # it waits for that (a timeout, a node shutting down) would leave the socket open.
+        if transport is not None and not transport.is_closing():
+            transport.close()
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

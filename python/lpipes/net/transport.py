@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
+from qh3.quic.connection import QuicConnectionError
+
 from lpipes.errors import LpipesError
 from lpipes.net import _quic
 from lpipes.net.auth import (
@@ -121,8 +123,7 @@ async def write_frame(
 ) -> None:
     """Write a frame (its tensors' memory, part by part) and wait until at most ``_quic.DRAIN_BOUND_BYTES``
     of the stream are unsent; raises ConnectionError if the connection closes meanwhile."""
-    for part in encode(frame, limits):
-        writer.write(part)
+    _write_parts(writer, encode(frame, limits))
     await _quic.drain(writer)
 
 
@@ -133,9 +134,17 @@ def write_frame_nowait(
     :func:`write_frame`. Raises ConnectionError if the connection is closed."""
     if not _quic.has_room(writer):
         return False
-    for part in encode(frame, limits):
-        writer.write(part)
+    _write_parts(writer, encode(frame, limits))
     return True
+
+
+def _write_parts(writer: asyncio.StreamWriter, parts: list[bytes | memoryview]) -> None:
+    """Write ``parts``; a closed connection is a ConnectionError (qh3 raises its own error type)."""
+    try:
+        for part in parts:
+            writer.write(part)
+    except QuicConnectionError as exc:
+        raise ConnectionError(f"the connection is closed: {exc}") from None
 
 
 def _raise_if_error(frame: Frame) -> Frame:
