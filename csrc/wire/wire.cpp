@@ -2,6 +2,7 @@
 // with overflow-safe arithmetic before it is used.
 #include "lpipes/wire.h"
 
+#include <cstdint>
 #include <cstring>
 
 #include "lpipes/tensor.h"
@@ -36,16 +37,27 @@ uint64_t align_up(uint64_t v) {
 }
 
 // nbytes of a tensor from its dtype and shape; throws on overflow.
+//
+// The extent (the product of the dimensions with zeros counted as one, times the item size) must fit
+// in a signed 64-bit integer even when a zero dimension makes nbytes 0: a receiver builds an empty
+// tensor of that shape, and torch refuses sizes or strides past 2^63 - 1 with its own exception. A
+// shape like [0, 2^64 - 1] would otherwise pass here and fail later, outside the WireError contract.
 uint64_t tensor_nbytes(const tensor_desc_t& t, size_t index) {
   const size_t item = wire_dtype_size(t.dtype);
   LPIPES_CHECK(item != 0, "frame: tensor ", index, " has unknown dtype code ", static_cast<int>(t.dtype));
   LPIPES_CHECK(t.ndim >= 0 && t.ndim <= kMaxNdim, "frame: tensor ", index, " has ndim ", t.ndim, " (at most ",
                kMaxNdim, ")");
-  uint64_t n = item;
+  constexpr uint64_t kMaxExtent = static_cast<uint64_t>(INT64_MAX);
+  uint64_t extent = item;
+  bool empty = false;
   for (int d = 0; d < t.ndim; ++d) {
-    if (mul_overflows(n, t.shape[d], &n)) fail("frame: tensor ", index, " shape overflows 64 bits");
+    const uint64_t dim = t.shape[d];
+    empty = empty || dim == 0;
+    if (mul_overflows(extent, dim ? dim : 1, &extent) || extent > kMaxExtent) {
+      fail("frame: tensor ", index, " shape overflows 63 bits");
+    }
   }
-  return n;
+  return empty ? 0 : extent;
 }
 
 }  // namespace
