@@ -12,6 +12,8 @@ Example::
     listen = "127.0.0.1:5000"          # QUIC peer port
     bootstrap = ["127.0.0.1:5001"]     # empty or absent: this node starts a network
     key_file = "network.key"           # shared secret; absent = open network (explicit, logged)
+    max_sessions = 128                 # sessions with KV on this node at most
+    max_frame_mb = 256                 # largest frame sent or accepted
 
     [api]                              # absent = no HTTP API on this node
     listen = "127.0.0.1:8000"
@@ -35,6 +37,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from lpipes.api.limits import HttpLimits, RequestLimits
 from lpipes.errors import LpipesError
 
 if sys.version_info >= (3, 11):
@@ -67,6 +70,17 @@ class NetworkConfig(_Strict):
     session_timeout_s: Annotated[float, Field(ge=1, le=86400)] = 600.0  # idle sessions' KV is freed after
     step_timeout_s: Annotated[float, Field(ge=1, le=3600)] = 300.0  # longest one step may take on a route
     join_timeout_s: Annotated[float, Field(ge=0, le=600)] = 10.0  # how long to wait for a bootstrap peer
+    # Sessions with KV on this node at most (every origin's together); a step that would open one more is
+    # refused and the origin fails it over. 128 = 8 origins decoding max_batch_size = 16 each.
+    max_sessions: Annotated[int, Field(ge=1, le=1 << 20)] = 128
+    # Largest frame this node sends or accepts, in MiB (2^20 bytes); checked from a frame's header before
+    # anything is allocated. 256: a max_batch_tokens = 2048 prefill in float32 of hidden size 16384 (the
+    # largest open models) is 2048 x 16384 x 4 B = 128 MiB, twice over; a small model needs far less.
+    max_frame_mb: Annotated[int, Field(ge=1, le=1024)] = 256
+
+    @property
+    def max_frame_bytes(self) -> int:
+        return self.max_frame_mb << 20
 
     @field_validator("listen")
     @classmethod
@@ -87,6 +101,22 @@ class ApiConfig(_Strict):
     max_batch_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 2048  # tokens one step runs at most
     prefill_chunk_tokens: Annotated[int, Field(ge=1, le=1 << 20)] = 512  # prompt tokens per request a step
     pipeline_depth: Annotated[int, Field(ge=1, le=16)] = 2  # networked origin: lanes of steps in flight
+    # Request limits. Prompts are refused (400) before they reach the engine's queue; the defaults keep
+    # a small machine alive with a request nobody would send in good faith.
+    max_prompt_tokens: Annotated[int, Field(ge=0)] = 0  # 0: the context length (what the KV pool holds)
+    # Cap on max_tokens / max_completion_tokens, and the default when a request sets neither. 4096 bounds
+    # how long one request holds a batch slot; 0: no cap but the context length.
+    max_new_tokens: Annotated[int, Field(ge=0)] = 4096
+    # Largest request body, refused with 413 from Content-Length or while reading. 2 MiB holds a
+    # 128k-token prompt as token ids; max_connections bodies at once bound what requests can occupy.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 2 << 20
+    # HTTP connections. Beyond max_connections a new connection gets 503 and is closed at once, so
+    # sockets (file descriptors) and buffers stay bounded; 128 leaves room above the default 16 + 64
+    # requests the engine holds for health checks, metrics and status.
+    max_connections: Annotated[int, Field(ge=1, le=65536)] = 128
+    header_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0  # request line + headers arrive within
+    body_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0  # the whole body arrives within (408)
+    send_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0  # a client reading nothing this long is cut
 
     @field_validator("listen")
     @classmethod
@@ -111,6 +141,23 @@ class ApiConfig(_Strict):
             "prefill_chunk_tokens": self.prefill_chunk_tokens,
             "pipeline_depth": self.pipeline_depth,
         }
+
+    def request_limits(self) -> RequestLimits:
+        """What the API checks of each request (:class:`lpipes.api.server.Service`)."""
+        return RequestLimits(
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_new_tokens=self.max_new_tokens,
+            max_body_bytes=self.max_body_bytes,
+            body_timeout_s=self.body_timeout_s,
+        )
+
+    def http_limits(self) -> HttpLimits:
+        """What the HTTP server enforces per connection (:mod:`lpipes.api.connections`)."""
+        return HttpLimits(
+            max_connections=self.max_connections,
+            header_timeout_s=self.header_timeout_s,
+            send_timeout_s=self.send_timeout_s,
+        )
 
 
 class ModelConfig(_Strict):

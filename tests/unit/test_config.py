@@ -15,6 +15,9 @@ node_id = "node-1"
 listen = "127.0.0.1:5000"
 bootstrap = ["127.0.0.1:5001"]
 key_file = "network.key"
+session_timeout_s = 120.0
+max_sessions = 64
+max_frame_mb = 128
 
 [api]
 listen = "127.0.0.1:8000"
@@ -49,6 +52,9 @@ def test_every_key(tmp_path):
     assert cfg.node_id == "node-1"
     assert cfg.network.bootstrap == ["127.0.0.1:5001"]
     assert cfg.network.key_file == tmp_path / "network.key"  # relative to the file's folder
+    assert cfg.network.session_timeout_s == 120.0
+    assert (cfg.network.max_sessions, cfg.network.max_frame_mb) == (64, 128)
+    assert cfg.network.max_frame_bytes == 128 << 20
     assert cfg.api is not None and cfg.api.api_keys == ["sk-test"]
     assert cfg.api.engine_options() == {
         "max_batch_size": 8,
@@ -65,6 +71,10 @@ def test_every_key(tmp_path):
 def test_minimal_defaults(tmp_path):
     cfg = load_config(_write(tmp_path, 'node_id = "a"\n[[models]]\nid = "org/model"\nlayers = [0, 4]\n'))
     assert cfg.api is None and cfg.network.bootstrap == [] and cfg.network.key_file is None
+    # The network limits' defaults: room for several origins, frames of a 2048-token fp32 prefill
+    # of hidden size 16384 (128 MiB) twice over, well below the wire format's 1 GiB.
+    assert cfg.network.max_sessions == 128 and cfg.network.max_frame_bytes == 256 << 20
+    assert cfg.network.session_timeout_s == 600.0
     assert cfg.models[0].span == (0, 4) and cfg.models[0].source == "org/model"
 
 
@@ -87,6 +97,18 @@ def test_minimal_defaults(tmp_path):
             "`models[0].kv_cache_gb`: Input should be greater than 0",
         ),
         (FULL.replace('node_id = "node-1"', ""), "missing required key `node_id`"),
+        (
+            FULL.replace("max_sessions = 64", "max_sessions = 0"),
+            "`network.max_sessions`: Input should be greater than or equal to 1",
+        ),
+        (
+            FULL.replace("max_frame_mb = 128", "max_frame_mb = 2048"),
+            "`network.max_frame_mb`: Input should be less than or equal to 1024",
+        ),
+        (
+            FULL.replace("session_timeout_s = 120.0", "session_timeout_s = 0.5"),
+            "`network.session_timeout_s`: Input should be greater than or equal to 1",
+        ),
         (FULL.replace("max_batch_tokens = 1024", "max_batch_tokens = 4"), "must be at least max_batch_size"),
         (FULL.replace("prefill_chunk_tokens = 256", "prefill_chunk_tokens = 0"), "prefill_chunk_tokens"),
         (FULL.replace('id = "Qwen/Qwen3-1.7B"\npath = "models/qwen3"', ""), "needs `path`"),
@@ -105,3 +127,83 @@ def test_not_toml_and_missing_file(tmp_path):
         load_config(_write(tmp_path, "node_id = \n"))
     with pytest.raises(ConfigError, match="cannot read the configuration file"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_network_limits_reach_the_node(tmp_path, tiny_checkpoint):
+    """`lpipes serve` builds its node's settings from [network]: limits included."""
+    from lpipes.cli.serve import node_settings
+    from lpipes.models.checkpoint import open_checkpoint
+
+    path = tiny_checkpoint("qwen3")
+    cfg = load_config(
+        _write(
+            tmp_path,
+            'node_id = "p"\n[network]\nmax_sessions = 3\nmax_frame_mb = 2\nsession_timeout_s = 30\n'
+            f'[[models]]\npath = "{path}"\n',
+        )
+    )
+    settings = node_settings(cfg, open_checkpoint(path), "float32", b"k" * 16)
+    assert settings.max_sessions == 3 and settings.session_timeout_s == 30.0
+    assert settings.limits.max_frame_bytes == 2 << 20 and settings.key == b"k" * 16
+
+
+API_LIMITS = """
+node_id = "origin"
+
+[api]
+max_prompt_tokens = 1000
+max_new_tokens = 256
+max_body_bytes = 65536
+max_connections = 32
+header_timeout_s = 5
+body_timeout_s = 12.5
+send_timeout_s = 7
+
+[[models]]
+id = "org/model"
+end_model = true
+"""
+
+
+def test_api_limits(tmp_path):
+    from lpipes.api.limits import HttpLimits, RequestLimits
+
+    api = load_config(_write(tmp_path, API_LIMITS)).api
+    assert api is not None
+    assert api.request_limits() == RequestLimits(
+        max_prompt_tokens=1000, max_new_tokens=256, max_body_bytes=65536, body_timeout_s=12.5
+    )
+    assert api.http_limits() == HttpLimits(max_connections=32, header_timeout_s=5.0, send_timeout_s=7.0)
+
+
+def test_api_limit_defaults_keep_a_small_machine_alive(tmp_path):
+    """Without the keys: prompts up to the context length, at most 4096 new tokens, 2 MiB bodies, 128
+    connections; and the defaults of a server built without a file (lpipes demo) are the same."""
+    from lpipes.api.limits import HttpLimits, RequestLimits
+
+    api = load_config(
+        _write(tmp_path, 'node_id = "o"\n[api]\n[[models]]\nid = "org/m"\nend_model = true\n')
+    ).api
+    assert api is not None
+    assert api.request_limits() == RequestLimits() == RequestLimits(0, 4096, 2 << 20, 30.0)
+    assert api.http_limits() == HttpLimits() == HttpLimits(128, 10.0, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("max_prompt_tokens = -1", "`api.max_prompt_tokens`: Input should be greater than or equal to 0"),
+        ("max_new_tokens = 1.5", "`api.max_new_tokens`: Input should be a valid integer"),
+        ("max_body_bytes = 100", "`api.max_body_bytes`: Input should be greater than or equal to 1024"),
+        ("max_connections = 0", "`api.max_connections`: Input should be greater than or equal to 1"),
+        ("header_timeout_s = 0", "`api.header_timeout_s`: Input should be greater than 0"),
+        ("body_timeout_s = 7200", "`api.body_timeout_s`: Input should be less than or equal to 3600"),
+        ("send_timeout_s = -1", "`api.send_timeout_s`: Input should be greater than 0"),
+        ("max_body_mb = 2", "unknown key `api.max_body_mb`"),
+    ],
+)
+def test_bad_api_limits(tmp_path, line, message):
+    path = _write(tmp_path, f'node_id = "o"\n[api]\n{line}\n[[models]]\nid = "org/m"\nend_model = true\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in str(err.value)

@@ -57,6 +57,8 @@ def test_params_are_normalised() -> None:
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -1.0),
         ("repetition_penalty", math.inf),
+        ("repetition_penalty", 1e-300),  # divided into a logit it overflowed to inf: NaN probabilities
+        ("repetition_penalty", 1e300),
         ("presence_penalty", 2.5),
         ("presence_penalty", -2.5),
         ("frequency_penalty", 3.0),

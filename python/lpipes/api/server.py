@@ -1,16 +1,23 @@
 """The OpenAI-compatible HTTP API of a node holding the end model.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (streaming as SSE or
-not), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus) and
-``GET /lpipes/status`` (what ``lpipes status`` shows). Generation runs on the
+not), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus),
+``GET /lpipes/status`` (what ``lpipes status`` shows) and ``GET /openapi.json`` (the OpenAPI
+document of all of these, :mod:`lpipes.api.openapi`). Generation runs on the
 :class:`~lpipes.generation.engine.Engine`'s worker thread with continuous batching; events
 reach the event loop through ``call_soon_threadsafe``. A client that disconnects or stops
 reading has its requests cancelled and their KV blocks freed at the next step.
 
 Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``:
 400 for invalid parameters and context overflows, 401 for a missing or wrong API key,
-404 for an unknown model, 413 for an oversized body, 503 with ``Retry-After`` when the
-server is at capacity. ``docs/api.md`` lists what is honoured and what is not.
+404 for an unknown model or path, 405 for a wrong method, 408 for a body that does not arrive
+in time, 413 for an oversized body, 503 with ``Retry-After`` when the server is at capacity.
+``docs/api.md`` lists what is honoured and what is not.
+
+Hostile input is refused as early as it can be: the body size from ``Content-Length`` before
+reading (and again while reading a chunked body), the prompt's length right after tokenization and
+before the engine's queue (:class:`~lpipes.api.limits.RequestLimits`). Slow and stuck connections
+are handled below the application (:mod:`lpipes.api.connections`).
 """
 
 from __future__ import annotations
@@ -24,19 +31,23 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from lpipes import __version__
+from lpipes.api.limits import RequestLimits
 from lpipes.api.metrics import Metrics
+from lpipes.api.openapi import openapi_document
 from lpipes.errors import ContextLengthError, LpipesError, NetworkError
 from lpipes.generation.engine import Engine, EngineBusyError, RequestCancelled, RequestTooLargeError
 from lpipes.generation.loop import GenerationRequest, TokenEvent
@@ -44,14 +55,36 @@ from lpipes.generation.sampling import SamplingParams, SamplingParamsError
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 16 << 20
 MAX_N = 16
 MAX_LOGPROBS = 20
+#: Bodies from this size on are tokenized on the service's tokenizer thread, not on the event loop:
+#: a 2 MiB prompt takes seconds to tokenize, and every stream would stall meanwhile.
+TOKENIZE_INLINE_BYTES = 16 << 10
 
 
 # --------------------------------------------------------------------------- request models
-class _Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+# Strict: a string is not a number and true is not 1. OpenAI's API refuses such values too, and the
+# OpenAPI document (generated from these models) can then say exactly what is accepted.
+
+
+def _whole_number(value: Any) -> Any:
+    # JSON Schema's "integer" is any number without a fractional part: 16.0 is one, so it is accepted.
+    # Only where a double is exact: the JSON parser reads integers past 64 bits as doubles, and
+    # -(2**63) - 1 would round to -(2**63) and pass a bound it is outside of.
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
+#: Makes an integer field accept a float with no fractional part (``n: 2.0``). It goes after the
+#: field's constraints (``Annotated[int, Field(ge=1), WHOLE]``): placed before them, pydantic would
+#: write them into the JSON schema as unknown keywords (``ge``) instead of ``minimum``.
+WHOLE = BeforeValidator(_whole_number)
+Int = Annotated[int, WHOLE]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
 
@@ -60,7 +93,7 @@ _SEED_MAX = 2**63 - 1 - MAX_N  # choice i samples with seed + i
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -69,38 +102,38 @@ class _Common(BaseModel):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1), WHOLE] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), WHOLE] | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: Int = 0
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    seed: Annotated[int, Field(ge=-(2**63), le=_SEED_MAX)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=_SEED_MAX), WHOLE] | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0), WHOLE]] | None = None
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N), WHOLE] = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     ignore_eos: bool = False
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[int, Field(ge=0), WHOLE] = 0
 
 
 class ChatRequest(_Common):
-    messages: list[_Message] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    prompt: str | list[str] | list[Int] | list[list[Int]]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
     echo: bool = False
     suffix: str | None = None
 
@@ -151,7 +184,8 @@ class NodeInfo:
 
 
 class Service:
-    """The model behind the API: the engine, its name, metrics and the accepted API keys."""
+    """The model behind the API: the engine, its name, metrics, the accepted API keys and the request
+    limits."""
 
     def __init__(
         self,
@@ -160,6 +194,7 @@ class Service:
         *,
         info: NodeInfo | None = None,
         api_keys: Sequence[str] = (),
+        limits: RequestLimits | None = None,
     ) -> None:
         self.engine = engine
         self.generator = engine.generator
@@ -167,9 +202,26 @@ class Service:
         self.model_name = model_name
         self.info = info or NodeInfo()
         self.api_keys = [k.encode() for k in api_keys]
+        self.limits = limits or RequestLimits()
         self.started = time.time()
         self.stage_labels = [f"{s.start}-{s.end}" for s in self.generator.stages]
         self.metrics = Metrics(engine, self.stage_labels)
+        # One thread: large prompts are tokenized one at a time, off the event loop (the tokenizer
+        # releases the GIL while it works). Only encoding runs here, never a change of the
+        # tokenizer's settings, so the engine thread's concurrent decoding is safe.
+        self._tokenizer_thread = ThreadPoolExecutor(1, thread_name_prefix="lpipes-tokenize")
+
+    async def tokenize(self, size: int, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` inline for small inputs (``size`` bytes of request body), else on the
+        tokenizer thread so that the event loop keeps serving while a large prompt is encoded."""
+        if size < TOKENIZE_INLINE_BYTES:
+            return fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tokenizer_thread, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
 
     # ---------------------------------------------------------------- helpers
     def check_key(self, request: Request) -> None:
@@ -186,9 +238,52 @@ class Service:
                 code="invalid_api_key",
             )
 
-    def params(
-        self, req: _Common, prompt_len: int, logprobs: int | None, prompt_param: str
-    ) -> SamplingParams:
+    def check_prompt(self, prompt_len: int, param: str) -> None:
+        """Refuse a prompt this server will never run (400 ``context_length_exceeded``), before it reaches
+        the engine's queue: over ``max_prompt_tokens``, or leaving no room in the context length for a
+        single new token."""
+        cap = self.limits.max_prompt_tokens
+        if cap and prompt_len > cap:
+            raise ApiError(
+                400,
+                f"the prompt has {prompt_len} tokens, over this server's limit of {cap} prompt tokens "
+                "([api] max_prompt_tokens); shorten it",
+                param=param,
+                code="context_length_exceeded",
+            )
+        ctx = self.engine.context_length
+        if ctx and prompt_len >= ctx:
+            raise ApiError(
+                400,
+                f"this server's context length is {ctx} tokens, but the prompt has {prompt_len}: it must "
+                "leave room for at least one new token",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def max_new_tokens(self, req: _Common, prompt_len: int) -> int:
+        """The request's ``max_completion_tokens`` (or ``max_tokens``), at most ``[api] max_new_tokens``;
+        without either, the cap or what the context leaves after the prompt, whichever is less."""
+        cap = self.limits.max_new_tokens
+        key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if asked is not None:
+            if cap and asked > cap:
+                raise ApiError(
+                    400,
+                    f"{key} is {asked}, over this server's limit of {cap} new tokens per request "
+                    "([api] max_new_tokens)",
+                    param=key,
+                )
+            return asked
+        ctx = self.engine.context_length
+        room = ctx - prompt_len if ctx else 0
+        bounds = [b for b in (cap, room) if b > 0]
+        return min(bounds) if bounds else 256
+
+    def params(self, req: _Common, prompt_len: int, logprobs: int | None) -> SamplingParams:
+        """The sampling parameters of a request whose prompt (``prompt_len`` tokens) passed
+        :meth:`check_prompt`; raises :class:`ApiError` (400) for what the engine cannot do."""
         if req.logit_bias:
             raise ApiError(400, "logit_bias is not supported", param="logit_bias")
         if req.response_format and req.response_format.get("type", "text") != "text":
@@ -199,17 +294,7 @@ class Service:
             raise ApiError(
                 400, f"stop_token_ids must be in [0, {self.end_model.vocab_size})", param="stop_token_ids"
             )
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        ctx = self.engine.context_length
-        if max_tokens is None:
-            if ctx and prompt_len >= ctx:
-                raise ApiError(
-                    400,
-                    f"this server's context length is {ctx} tokens, but the prompt has {prompt_len}",
-                    param=prompt_param,
-                    code="context_length_exceeded",
-                )
-            max_tokens = ctx - prompt_len if ctx else 256
+        max_tokens = self.max_new_tokens(req, prompt_len)
         try:
             return SamplingParams(
                 temperature=req.temperature,
@@ -384,15 +469,44 @@ def build_app(service: Service) -> Starlette:
     tok = em.tokenizer
     m = service.metrics
 
-    async def read_json(request: Request) -> Any:
+    limits = service.limits
+    # Sent with the refusals that leave part of a request unread: the connection cannot carry another.
+    close = {"Connection": "close"}
+
+    def too_large(what: str) -> ApiError:
+        return ApiError(
+            413,
+            f"request body {what} this server's limit of {limits.max_body_bytes} bytes "
+            "([api] max_body_bytes)",
+            code="request_too_large",
+            headers=close,
+        )
+
+    async def read_body(request: Request) -> bytearray:
+        """The body, refused (413) as soon as it is known to be too large: from Content-Length before
+        a byte is read, else once the chunks read so far exceed the limit."""
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            raise too_large(f"of {int(length)} bytes (Content-Length) exceeds")
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise ApiError(413, f"request body over {MAX_BODY_BYTES} bytes")
+            if len(body) > limits.max_body_bytes:
+                raise too_large("exceeds")
+        return body
+
+    async def read_json(request: Request) -> Any:
+        # A client trickling its body holds a connection and a buffer; it gets body_timeout_s in all.
+        try:
+            body = await asyncio.wait_for(read_body(request), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408,
+                f"the request body did not arrive within {limits.body_timeout_s:g} s ([api] body_timeout_s)",
+                code="request_timeout",
+                headers=close,
+            ) from None
+        request.state.body_bytes = len(body)
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -425,14 +539,14 @@ def build_app(service: Service) -> Starlette:
     ) -> list[GenerationRequest]:
         rid = prefix + uuid.uuid4().hex
         out = []
+        prompt_param = "messages" if prefix.startswith("chat") else "prompt"
         for p_idx, ids in enumerate(prompts):
             if not ids:
                 raise ApiError(400, "the prompt is empty: it must contain at least one token", param="prompt")
+            service.check_prompt(len(ids), prompt_param)  # its length first: cheap, and refuses early
             if any(not 0 <= t < em.vocab_size for t in ids):
                 raise ApiError(400, f"prompt token ids must be in [0, {em.vocab_size})", param="prompt")
-            params = service.params(
-                req, len(ids), logprobs, "messages" if prefix.startswith("chat") else "prompt"
-            )
+            params = service.params(req, len(ids), logprobs)
             for i in range(req.n):
                 seed = None if req.seed is None else req.seed + i
                 choice_params = params if i == 0 else _with_seed(params, seed)
@@ -639,6 +753,10 @@ def build_app(service: Service) -> Starlette:
             except Exception as exc:  # noqa: BLE001 - never a bare 500 page
                 log.exception("unexpected error in %s", endpoint_name)
                 response = _error(ApiError(500, f"internal error: {exc}", kind="server_error"))
+            if request.method == "POST" and not hasattr(request.state, "body_bytes"):
+                # Refused before its body was read (a wrong key, a too-large body): the rest of the body
+                # would only be read and thrown away, so the connection ends with this response.
+                response.headers["Connection"] = "close"
             m.requests.labels(endpoint_name, str(response.status_code)).inc()
             return response
 
@@ -652,10 +770,16 @@ def build_app(service: Service) -> Starlette:
                 texts = []
                 for part in msg.content:
                     kind = part.get("type")
-                    if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
+                    if kind not in ("text", "input_text"):
                         raise ApiError(
                             400,
                             f"messages[{i}].content: this model takes text only; got a {kind!r} part",
+                            param=f"messages.{i}.content",
+                        )
+                    if not isinstance(part.get("text"), str):
+                        raise ApiError(
+                            400,
+                            f"messages[{i}].content: a {kind!r} part needs a string 'text'",
                             param=f"messages.{i}.content",
                         )
                     texts.append(part["text"])
@@ -673,8 +797,9 @@ def build_app(service: Service) -> Starlette:
             )
         if req.top_logprobs is not None and not req.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        messages = chat_messages(req)
         try:
-            ids = em.encode_chat(chat_messages(req), tools=req.tools)
+            ids = await service.tokenize(request.state.body_bytes, em.encode_chat, messages, tools=req.tools)
         except ApiError:
             raise
         except Exception as exc:  # noqa: BLE001 - template errors are the client's
@@ -691,16 +816,25 @@ def build_app(service: Service) -> Starlette:
         if req.suffix:
             raise ApiError(400, "suffix is not supported", param="suffix")
         p = req.prompt
+        texts: list[str] | None = None
         if isinstance(p, str):
-            prompts = [em.encode_prompt(p)]
+            texts = [p]
         elif p and all(isinstance(x, str) for x in p):
-            prompts = [em.encode_prompt(x) for x in p]  # type: ignore[arg-type]
+            texts = list(p)  # type: ignore[arg-type]
+        if texts is not None:
+            count = len(texts)
+        else:
+            count = len(p) if p and all(isinstance(x, list) for x in p) else 1
+        if count * req.n > MAX_N * 4:  # counted before anything is tokenized
+            raise ApiError(400, f"at most {MAX_N * 4} completions per request", param="prompt")
+        if texts is not None:
+            prompts = await service.tokenize(
+                request.state.body_bytes, lambda: [em.encode_prompt(x) for x in texts]
+            )
         elif p and all(isinstance(x, list) for x in p):
-            prompts = [list(x) for x in p]  # type: ignore[arg-type]
+            prompts = [list(x) for x in p]  # type: ignore[union-attr]
         else:
             prompts = [list(p)]  # type: ignore[arg-type]
-        if len(prompts) * req.n > MAX_N * 4:
-            raise ApiError(400, f"at most {MAX_N * 4} completions per request", param="prompt")
         return await respond(request, req, prompts, chat=False, logprobs=req.logprobs)
 
     async def models(request: Request) -> Response:
@@ -730,22 +864,43 @@ def build_app(service: Service) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
+    schema = orjson.dumps(
+        openapi_document(service.model_name, service.limits, auth=bool(service.api_keys), version=__version__)
+    )
+
+    async def openapi(request: Request) -> Response:
+        return Response(schema, media_type="application/json")
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404 (no such path) and 405 (wrong method) in the JSON error shape, so that a
+        client sees one error format from every URL of the server."""
+        assert isinstance(exc, HTTPException)
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = (
+            f"no such endpoint: {request.method} {request.url.path}"
+            if exc.status_code == 404
+            else f"{request.method} is not allowed on {request.url.path}"
+        )
+        return _error(ApiError(exc.status_code, message, kind=kind, headers=exc.headers))
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         try:
             yield
         finally:
-            service.engine.close()
+            service.close()
 
     return Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
             Route("/lpipes/status", guarded(status, "status"), methods=["GET"]),
             Route("/v1/models", guarded(models, "models"), methods=["GET"]),
             Route("/v1/chat/completions", guarded(chat, "chat"), methods=["POST"]),
             Route("/v1/completions", guarded(completions, "completions"), methods=["POST"]),
         ],
+        exception_handlers={404: http_error, 405: http_error},
         lifespan=lifespan,
     )
 

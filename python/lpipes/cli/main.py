@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lpipes import __version__
+from lpipes.api.limits import HttpLimits, RequestLimits
 from lpipes.errors import LpipesError
 
 log = logging.getLogger("lpipes")
@@ -166,15 +167,20 @@ def _run_server(
     api_keys: Sequence[str] = (),
     engine_options: dict[str, int] | None = None,
     banner: str | None = None,
+    request_limits: RequestLimits | None = None,
+    http_limits: HttpLimits | None = None,
 ) -> int:
+    """Serve the API until interrupted. ``request_limits`` / ``http_limits``
+    (:mod:`lpipes.api.limits`): ``[api]``'s; ``None`` gives their defaults."""
     import uvicorn
 
+    from lpipes.api.connections import server_config
     from lpipes.api.server import Service, build_app
     from lpipes.generation.engine import Engine
 
     host, port = check_api_listen(listen, api_keys)
     engine = Engine(generator, **(engine_options or {}))
-    app = build_app(Service(engine, name, info=info, api_keys=api_keys))
+    app = build_app(Service(engine, name, info=info, api_keys=api_keys, limits=request_limits))
     print(banner or f"serving {name} on http://{listen}/v1 (Ctrl-C to stop)", file=sys.stderr, flush=True)
     try:
         import uvloop  # noqa: F401
@@ -182,8 +188,9 @@ def _run_server(
         loop = "uvloop"
     except ImportError:  # pragma: no cover - platforms without uvloop
         loop = "asyncio"
+    config = server_config(app, host, port, http_limits or HttpLimits(), loop=loop)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", loop=loop, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run()
     finally:
         engine.close()
     return 0

@@ -142,6 +142,8 @@ def _serve_alone(config_path: str, cfg: NodeConfig, dtype: Any) -> int:
         info,
         api_keys=cfg.api.api_keys,
         engine_options=cfg.api.engine_options(),
+        request_limits=cfg.api.request_limits(),
+        http_limits=cfg.api.http_limits(),
         banner=f"serving {name} on http://{cfg.api.listen}/v1 (node {cfg.node_id}; Ctrl-C to stop)",
     )
 
@@ -154,29 +156,13 @@ async def _serve_networked(
     config_path: str, cfg: NodeConfig, ckpt: Any, dtype: Any, span: tuple[int, int] | None
 ) -> int:
     from lpipes.net.auth import load_key
-    from lpipes.node import Node, NodeSettings, model_fingerprint
+    from lpipes.node import Node
     from lpipes.swarm.planning import choose_span
 
     m = cfg.models[0]
     net = cfg.network
     key = load_key(net.key_file) if net.key_file is not None else None
-    dtype_name = str(dtype).removeprefix("torch.")
-    settings = NodeSettings(
-        node_id=cfg.node_id,
-        listen=net.listen,
-        bootstrap=list(net.bootstrap),
-        key=key,
-        model=model_name(m),
-        model_hash=model_fingerprint(ckpt.text_config),
-        num_layers=ckpt.num_layers,
-        hidden_size=int(ckpt.text_config.hidden_size),
-        dtype=dtype_name,
-        end_model=m.end_model,
-        gossip_interval_s=net.gossip_interval_s,
-        peer_timeout_s=net.peer_timeout_s,
-        session_timeout_s=net.session_timeout_s,
-        step_timeout_s=net.step_timeout_s,
-    )
+    settings = node_settings(cfg, ckpt, dtype, key)
     node = Node(settings)
     loop = asyncio.get_running_loop()
     engine = None
@@ -229,6 +215,34 @@ async def _serve_networked(
         await node.close()
 
 
+def node_settings(cfg: NodeConfig, ckpt: Any, dtype: Any, key: bytes | None) -> Any:
+    """The :class:`~lpipes.node.NodeSettings` of a networked node: its ``[network]`` keys (limits
+    included), its model's shape and the network key."""
+    from lpipes.node import NodeSettings, model_fingerprint
+    from lpipes.wire import WireLimits
+
+    m = cfg.models[0]
+    net = cfg.network
+    return NodeSettings(
+        node_id=cfg.node_id,
+        listen=net.listen,
+        bootstrap=list(net.bootstrap),
+        key=key,
+        model=model_name(m),
+        model_hash=model_fingerprint(ckpt.text_config),
+        num_layers=ckpt.num_layers,
+        hidden_size=int(ckpt.text_config.hidden_size),
+        dtype=str(dtype).removeprefix("torch."),
+        end_model=m.end_model,
+        gossip_interval_s=net.gossip_interval_s,
+        peer_timeout_s=net.peer_timeout_s,
+        session_timeout_s=net.session_timeout_s,
+        step_timeout_s=net.step_timeout_s,
+        max_sessions=net.max_sessions,
+        limits=WireLimits(max_frame_bytes=net.max_frame_bytes),
+    )
+
+
 def _load_span(m: ModelConfig, span: tuple[int, int], dtype: Any) -> list[Any]:
     from lpipes.models.checkpoint import open_checkpoint
     from lpipes.runtime.local import make_executor
@@ -246,6 +260,7 @@ def _origin_server(
 ) -> tuple[Any, Any]:
     import uvicorn
 
+    from lpipes.api.connections import server_config
     from lpipes.api.server import NodeInfo, Service, build_app
     from lpipes.cli.main import _executor_names, check_api_listen
     from lpipes.generation.engine import Engine
@@ -269,14 +284,13 @@ def _origin_server(
     engine = Engine(generator, **api.engine_options())
     name = model_name(m)
     info = NodeInfo(node_id=cfg.node_id, source=m.source, executors=_executor_names(generator))
-    app = build_app(Service(engine, name, info=info, api_keys=api.api_keys))
+    app = build_app(Service(engine, name, info=info, api_keys=api.api_keys, limits=api.request_limits()))
     print(
         f"serving {name} on http://{api.listen}/v1 (node {cfg.node_id}; Ctrl-C to stop)",
         file=sys.stderr,
         flush=True,
     )
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
-    return engine, uvicorn.Server(config)
+    return engine, uvicorn.Server(server_config(app, host, port, api.http_limits()))
 
 
 async def _wait_for_signal() -> None:

@@ -36,6 +36,11 @@ from lpipes.errors import LpipesError
 # Temperatures below this are treated as greedy: dividing by them would overflow fp32.
 _GREEDY_TEMPERATURE = 1e-5
 _MAX_TEMPERATURE = 100.0
+# Dividing a logit by a repetition penalty near 0 overflows fp32 to inf, and softmax then gives NaN
+# (1e-300 did, through the API). Past these bounds a penalty has no use anyway: 100 all but bans
+# every seen token, 0.01 all but forces one.
+_MIN_REPETITION_PENALTY = 0.01
+_MAX_REPETITION_PENALTY = 100.0
 _MAX_LOGPROBS = 20
 
 
@@ -67,7 +72,7 @@ class SamplingParams:
             probability mass reaches ``top_p``; in (0, 1], 1 turns it off.
         min_p: Drop tokens whose probability is below ``min_p`` times that of the most
             likely token; in [0, 1], 0 turns it off.
-        repetition_penalty: HF-style penalty (> 0) on tokens seen in prompt or output;
+        repetition_penalty: HF-style penalty in [0.01, 100] on tokens seen in prompt or output;
             1 turns it off, values above 1 discourage repetition.
         presence_penalty: OpenAI-style flat penalty in [-2, 2] on generated tokens.
         frequency_penalty: OpenAI-style per-occurrence penalty in [-2, 2] on generated
@@ -139,9 +144,7 @@ class SamplingParams:
         check_real("min_p", 0.0, 1.0)
         check_real("presence_penalty", -2.0, 2.0)
         check_real("frequency_penalty", -2.0, 2.0)
-        rp = self.repetition_penalty
-        if not _is_real(rp) or not math.isfinite(rp) or rp <= 0:
-            raise bad("repetition_penalty", "a finite number > 0 (1 means no penalty)")
+        check_real("repetition_penalty", _MIN_REPETITION_PENALTY, _MAX_REPETITION_PENALTY)
         if not _is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "an int >= 0 (0 or -1 means no top-k filtering)")
         if self.seed is not None and not _is_int(self.seed):
