@@ -413,20 +413,20 @@ class Node:
             link = self._links.get(address)
             if link is not None:
                 return link
-            host, port = _address(address)
-            conn = await PeerConnection.open(
-                host,
-                port,
-                node_id=self.s.node_id,
-                key=self.s.key,
-                cert=self.server.cert,
-                limits=self.s.limits,
-            )
+            conn = await self._open(address, limits=self.s.limits)
             push = await conn.open_stream()
             link = _Link(conn, push)
             link.reader = self._spawn(self._read_push_replies(address, link))
             self._links[address] = link
             return link
+
+    async def _open(self, address: str, **options: Any) -> PeerConnection:
+        """An authenticated connection to the node at ``address``, as this node (its id, key and
+        certificate)."""
+        host, port = _address(address)
+        return await PeerConnection.open(
+            host, port, node_id=self.s.node_id, key=self.s.key, cert=self.server.cert, **options
+        )
 
     def _forget_link(self, link: _Link) -> None:
         for addr, known in list(self._links.items()):
@@ -603,16 +603,8 @@ class Node:
             if cached is not None and time.monotonic() - cached[0] < PROBE_CACHE_S:
                 return cached[1]
             who: tuple[str, bytes] | None = None
-            host, port = _address(address)
             try:
-                conn = await PeerConnection.open(
-                    host,
-                    port,
-                    node_id=self.s.node_id,
-                    key=self.s.key,
-                    cert=self.server.cert,
-                    handshake_timeout_s=PROBE_TIMEOUT_S,
-                )
+                conn = await self._open(address, handshake_timeout_s=PROBE_TIMEOUT_S)
             except (TransportError, LpipesError, OSError) as exc:
                 log.info("probe of %s: %s", address, exc)
             else:

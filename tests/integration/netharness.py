@@ -214,3 +214,25 @@ def hf_greedy(hf, prompt: str, n: int) -> tuple[list[int], str]:
     ids = tok(prompt)["input_ids"]
     out = full.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids) :]
     return out.tolist(), tok.decode(out, skip_special_tokens=True)
+
+
+def tiny_network_model(tmp_path_factory) -> Path:
+    """The seeded tiny Qwen3 checkpoint the network tests share (context ``CONTEXT``)."""
+    from lpipes.models.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("net-model") / "tiny-qwen3",
+        "qwen3",
+        seed=0,
+        config_overrides={"max_position_embeddings": CONTEXT},
+    )
+
+
+def transformers_model(path: Path):
+    """(tokenizer, full float32 model) of ``path``, EOS off (fixed-length greedy references)."""
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    full = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    full.generation_config.eos_token_id = None
+    return tok, full

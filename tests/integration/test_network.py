@@ -21,27 +21,26 @@ import openai
 import pytest
 import torch
 import transformers
-from netharness import CONTEXT, Network, client, hf_greedy, new_network
+from netharness import (
+    Network,
+    client,
+    hf_greedy,
+    new_network,
+    tiny_network_model,
+    transformers_model,
+)
 
 from lpipes.models.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(
-        tmp_path_factory.mktemp("net-model") / "tiny-qwen3",
-        "qwen3",
-        seed=0,
-        config_overrides={"max_position_embeddings": CONTEXT},
-    )
+    return tiny_network_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def hf(model_dir):
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    full = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    full.generation_config.eos_token_id = None
-    return tok, full
+    return transformers_model(model_dir)
 
 
 # ------------------------------------------------------------------------- three peers

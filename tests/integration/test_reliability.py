@@ -25,12 +25,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-import transformers
-from netharness import CONTEXT, Network, hf_greedy, new_network
+from netharness import Network, hf_greedy, new_network, tiny_network_model, transformers_model
 
 from lpipes.errors import RouteFailedError
 from lpipes.models.checkpoint import open_checkpoint
-from lpipes.models.tiny import make_tiny_checkpoint
 from lpipes.node import HEARTBEAT_S, LOST_GRACE_S, PING_TIMEOUT_S, Faults, Node, NodeSettings
 from lpipes.runtime.local import make_executor
 from lpipes.swarm.planning import Hop
@@ -134,20 +132,12 @@ REQUEST_TIMEOUT_S = 120.0  # no request may take longer: a hang fails the test
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(
-        tmp_path_factory.mktemp("rel-model") / "tiny-qwen3",
-        "qwen3",
-        seed=0,
-        config_overrides={"max_position_embeddings": CONTEXT},
-    )
+    return tiny_network_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def hf(model_dir):
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    full = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    full.generation_config.eos_token_id = None
-    return tok, full
+    return transformers_model(model_dir)
 
 
 async def _stream(http: httpx.AsyncClient, base: str, prompt: str, n: int, drop_after: int | None) -> dict:
