@@ -1141,7 +1141,7 @@ class Node:
         but the next never received it (see ``LOST_GRACE_S``), else check again later."""
         try:
             replies = await self._check_hops(p.route, step)
-            lost = _lost_between(p, replies)
+            lost = _lost_between(p, step, replies)
             if lost is not None:
                 raise lost
         except RouteFailedError as exc:
@@ -1196,18 +1196,22 @@ class Node:
                 await asyncio.wait_for(self.send(h.address, frame), 5.0)
 
 
-def _lost_between(p: _Pending, replies: list[Frame]) -> RouteFailedError | None:
-    """The error for a step that a hop (or the origin) passed on long enough ago while the next hop
-    reports never having received it; None while the step may still be on its way."""
-    step = str(next(iter(replies[0].meta.get("steps", {})), "")) if replies else ""
-    if not step:
-        return None
+def _lost_between(p: _Pending, step: int, replies: list[Frame]) -> RouteFailedError | None:
+    """The error for ``step`` if a hop (or the origin) passed it on long enough ago while the next
+    hop reports never having received it; None while it may still be on its way."""
+    key = str(step)
     prev_state, prev_age, prev_bytes = "sent", time.monotonic() - p.started, p.size
     prev_name = "the origin"
     for hop, reply in zip(p.route, replies):
-        entry = reply.meta.get("steps", {}).get(step)
-        if not (isinstance(entry, list) and len(entry) == 3):
-            return None  # a hop that does not report progress: only liveness is known
+        steps = reply.meta.get("steps")
+        entry = steps.get(key) if isinstance(steps, dict) else None
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 3
+            and entry[0] in ("none", "queued", "sent")
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry[1:])
+        ):
+            return None  # a hop that does not report (valid) progress: only liveness is known
         state, age, size = entry
         allowance = LOST_GRACE_S + prev_bytes / (LOST_MIN_MBPS * 1e6)
         if state == "none" and prev_state == "sent" and prev_age > allowance:
