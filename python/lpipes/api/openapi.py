@@ -71,6 +71,35 @@ _RETRY_AFTER = {
 _INT = {"type": "integer"}
 _STR = {"type": "string"}
 
+
+def _completion(kind: str, field: str, field_schema: dict[str, Any]) -> dict[str, Any]:
+    """A (chat) completion response: ``object`` = ``kind``, each choice's output in ``field``."""
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices", "usage"],
+        "properties": {
+            "id": _STR,
+            "object": {"const": kind},
+            "created": _INT,
+            "model": _STR,
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", field, "finish_reason", "logprobs"],
+                    "properties": {
+                        "index": _INT,
+                        field: field_schema,
+                        "finish_reason": _STR,
+                        "logprobs": {"type": ["object", "null"]},
+                    },
+                },
+            },
+            "usage": {"$ref": "#/components/schemas/Usage"},
+        },
+    }
+
+
 _RESPONSE_SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -93,58 +122,16 @@ _RESPONSE_SCHEMAS: dict[str, Any] = {
         "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
         "properties": {"prompt_tokens": _INT, "completion_tokens": _INT, "total_tokens": _INT},
     },
-    "ChatCompletion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices", "usage"],
-        "properties": {
-            "id": _STR,
-            "object": {"const": "chat.completion"},
-            "created": _INT,
-            "model": _STR,
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "message", "finish_reason", "logprobs"],
-                    "properties": {
-                        "index": _INT,
-                        "message": {
-                            "type": "object",
-                            "required": ["role", "content"],
-                            "properties": {"role": {"const": "assistant"}, "content": _STR},
-                        },
-                        "finish_reason": _STR,
-                        "logprobs": {"type": ["object", "null"]},
-                    },
-                },
-            },
-            "usage": {"$ref": "#/components/schemas/Usage"},
+    "ChatCompletion": _completion(
+        "chat.completion",
+        "message",
+        {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {"role": {"const": "assistant"}, "content": _STR},
         },
-    },
-    "Completion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices", "usage"],
-        "properties": {
-            "id": _STR,
-            "object": {"const": "text_completion"},
-            "created": _INT,
-            "model": _STR,
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "text", "finish_reason", "logprobs"],
-                    "properties": {
-                        "index": _INT,
-                        "text": _STR,
-                        "finish_reason": _STR,
-                        "logprobs": {"type": ["object", "null"]},
-                    },
-                },
-            },
-            "usage": {"$ref": "#/components/schemas/Usage"},
-        },
-    },
+    ),
+    "Completion": _completion("text_completion", "text", _STR),
     "ModelList": {
         "type": "object",
         "required": ["object", "data"],
