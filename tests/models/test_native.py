@@ -79,3 +79,32 @@ def test_blocks_return_to_zero(pair):
     assert all(s.cache.blocks_used == 0 for s in native.stages)
     native.generate_text(ids, params)
     assert all(s.cache.blocks_used == 0 for s in native.stages)
+
+
+def test_cached_rope_rows_equal_the_rotary_module(pair):
+    """Decode steps take RoPE rows from tables computed once per block of positions: they must be
+    bit-identical to the architecture's rotary module on exactly the step's positions (else a
+    decode step would differ from the same tokens in a prefill)."""
+    import lpipes.runtime.native as native_mod
+
+    arch, native, _ = pair
+    ex = native.stages[0]
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        torch.tensor([0]),
+        torch.tensor([native_mod.ROPE_CACHE_BLOCK - 1]),
+        torch.tensor([native_mod.ROPE_CACHE_BLOCK + 5]),  # grows the tables
+        torch.randint(0, 3000, (7,), generator=g),
+        torch.randint(0, 3000, (200,), generator=g),  # the aminmax branch
+    ]
+    for positions in batches:
+        lens = [int(positions.numel())]
+        want = ex._computed_rope(positions, lens)
+        got = ex._rope_tables(positions, lens)
+        for w, o in zip(want[0] + want[1], got[0] + got[1]):
+            assert torch.equal(w, o), f"{arch}: cached RoPE rows differ at {positions.tolist()[:8]}"
+    if not ex._rope_per_sequence:
+        assert ex._rope_rows >= 2 * native_mod.ROPE_CACHE_BLOCK
+    # Outside [0, ROPE_CACHE_MAX) the module computes the rows itself.
+    assert ex._cached_rope(torch.tensor([native_mod.ROPE_CACHE_MAX])) is None
+    assert ex._cached_rope(torch.tensor([-1])) is None

@@ -4,8 +4,9 @@ Same contract as :class:`~lpipes.runtime.reference.ReferenceExecutor` (``forward
 ``end_session`` / ``session_length``), but every layer of the span runs in one native
 call per step: fp16 weights streamed once by the SIMD GEMV, fp32 activations and
 accumulation, K/V in the paged fp16 cache. Python only computes the RoPE tables with
-the architecture's own rotary module (so every RoPE variant is exact) and does the
-block bookkeeping.
+the architecture's own rotary module (so every RoPE variant is exact; rows that depend
+on the position alone are computed once per block of positions and reused) and does
+the block bookkeeping.
 
 Supported: llama, mistral, qwen2, qwen3, phi3 and gemma3_text in float16 on CPU.
 Anything else uses the reference executor (``executor="auto"`` picks for you).
@@ -27,6 +28,11 @@ from lpipes.runtime.paged import DEFAULT_KV_CACHE_BYTES, PagedKVCache
 from lpipes.runtime.reference import SequenceInput, check_inputs
 
 log = logging.getLogger(__name__)
+
+# RoPE tables are computed once per block of positions and reused (see NativeExecutor._cached_rope):
+# at most ROPE_CACHE_MAX positions (cos + sin: 16 MiB per layer type at head_dim 128).
+ROPE_CACHE_BLOCK = 1024
+ROPE_CACHE_MAX = 16384
 
 NATIVE_ARCHS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text"})
 
@@ -106,6 +112,8 @@ class NativeExecutor:
         self._tables = sorted({types[i] for i in range(start, end)})
         self.rotary = self.arch.rotary_cls(config=cfg)
         self._rope_per_sequence = rope_couples_sequences(self.arch, cfg)
+        self._rope_cache: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._rope_rows = 0  # positions [0, _rope_rows) are in _rope_cache
 
         weights = []
         intermediate = None
@@ -181,6 +189,16 @@ class NativeExecutor:
     def _rope_tables(
         self, positions: torch.Tensor, lens: list[int]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if not self._rope_per_sequence:
+            cached = self._cached_rope(positions)
+            if cached is not None:
+                return cached
+        return self._computed_rope(positions, lens)
+
+    def _computed_rope(
+        self, positions: torch.Tensor, lens: list[int]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The tables from the architecture's own rotary module, for exactly these positions."""
         dummy = torch.empty((1, 1, 1), dtype=torch.float32)
         cos, sin = [], []
         for layer_type in self._tables:
@@ -199,6 +217,26 @@ class NativeExecutor:
             sin.append(s.float().contiguous())
         return cos, sin
 
+    def _cached_rope(self, positions: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Rows of tables computed once for positions [0, n) (n grows by ``ROPE_CACHE_BLOCK`` up to
+        ``ROPE_CACHE_MAX``), or None for a position outside them. Only for RoPE whose row for a
+        position does not depend on the other positions of the call: then a row computed in a
+        batch of n positions is bit-identical to the same position computed alone (a K=1 product,
+        then elementwise cos/sin), and a decode step skips ~15 small torch calls."""
+        if positions.numel() <= 64:
+            values = positions.tolist()
+            lo, hi = min(values), max(values)
+        else:
+            lo, hi = (int(v) for v in torch.aminmax(positions))
+        if lo < 0 or hi >= ROPE_CACHE_MAX:
+            return None
+        if hi >= self._rope_rows:
+            n = min(ROPE_CACHE_MAX, -(-(hi + 1) // ROPE_CACHE_BLOCK) * ROPE_CACHE_BLOCK)
+            self._rope_cache = self._computed_rope(torch.arange(n), [n])
+            self._rope_rows = n
+        cos, sin = self._rope_cache
+        return [c.index_select(0, positions) for c in cos], [s.index_select(0, positions) for s in sin]
+
     @torch.inference_mode()
     def forward(self, inputs: Sequence[SequenceInput]) -> list[torch.Tensor]:
         """Run the span for a batch of sessions; returns each one's [T, hidden_size] output (input dtype)."""
@@ -215,8 +253,13 @@ class NativeExecutor:
         starts = [self.cache.length(s) for s in sids]
         self.cache.reserve(sids, lens)
         try:
-            h = torch.cat([x.hidden for x in inputs]).to(torch.float32).contiguous()
-            positions = torch.cat([x.positions for x in inputs]).to(torch.int64)
+            if len(inputs) == 1:  # a decode step's usual case: one copy, no concatenations
+                x = inputs[0]
+                h = x.hidden.to(torch.float32, copy=True).contiguous()
+                positions = x.positions.to(torch.int64)
+            else:
+                h = torch.cat([x.hidden for x in inputs]).to(torch.float32).contiguous()
+                positions = torch.cat([x.positions for x in inputs]).to(torch.int64)
             cos, sin = self._rope_tables(positions, lens)
             keys = [self.cache.native_id(s) for s in sids]
             self._span.forward(self.cache.native, h, keys, starts, lens, cos, sin)
@@ -224,4 +267,6 @@ class NativeExecutor:
             self.cache.rollback(sids)
             raise
         self.cache.commit(sids, lens)
+        if len(inputs) == 1:
+            return [h.to(inputs[0].hidden.dtype)]
         return [part.to(x.hidden.dtype) for part, x in zip(h.split(lens), inputs)]
