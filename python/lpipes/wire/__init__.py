@@ -50,6 +50,8 @@ _TO_WIRE = {
     torch.uint8: 6,
 }
 _FROM_WIRE = {v: k for k, v in _TO_WIRE.items()}
+_ITEMSIZE = {code: torch.empty((), dtype=dt).element_size() for dt, code in _TO_WIRE.items()}
+_NUMPY_DTYPES = frozenset(_TO_WIRE) - {torch.bfloat16}  # Tensor.numpy() has no bfloat16
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,8 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
         raise WireError("tensors must be contiguous to be sent without a copy; call .contiguous() first")
     if t.numel() == 0:
         return memoryview(b"")
+    if t.dtype in _NUMPY_DTYPES:  # one torch call instead of three (this runs for every frame sent)
+        return memoryview(t.numpy()).cast("B") if t.dim() else memoryview(t.reshape(1).numpy()).cast("B")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
@@ -170,8 +174,8 @@ def decode(buffer: bytearray | memoryview | Any, limits: WireLimits = DEFAULT_LI
         if nbytes == 0:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
-        raw = torch.frombuffer(view, dtype=torch.uint8, count=nbytes, offset=offset)
-        out[name] = raw.view(dtype).view(shape)
+        raw = torch.frombuffer(view, dtype=dtype, count=nbytes // _ITEMSIZE[code], offset=offset)
+        out[name] = raw if len(shape) == 1 else raw.view(shape)
     return Frame(MessageType(mtype), meta, out)
 
 
