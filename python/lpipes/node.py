@@ -919,7 +919,7 @@ class Node:
 
     # ------------------------------------------------------------ step progress
     def _log_step(self, meta: ForwardMeta, state: str, frame: Frame | None = None) -> None:
-        size = 0 if frame is None else sum(int(t.numel()) * t.element_size() for t in frame.tensors.values())
+        size = 0 if frame is None else sum(t.nbytes for t in frame.tensors.values())
         key = (meta.origin, meta.step)
         self._step_log[key] = (state, time.monotonic(), size)
         self._step_log.move_to_end(key)
@@ -1102,7 +1102,7 @@ class Node:
                 "hop": 0,
             }
             frame = Frame(MessageType.FORWARD, meta, tensors)
-            size = sum(int(t.numel()) * t.element_size() for t in tensors.values())
+            size = sum(t.nbytes for t in tensors.values())
             self._pending[step] = p = _Pending(
                 future, route, time.monotonic(), size=size, sessions=list(sessions)
             )

@@ -158,6 +158,19 @@ def has_room(writer: asyncio.StreamWriter, bound: int = DRAIN_BOUND_BYTES) -> bo
     return protocol._quic.get_send_buffer_size(stream_id) <= bound
 
 
+def flush(writer: asyncio.StreamWriter) -> None:
+    """Transmit what was just written to this QUIC stream now, in the caller's callback, instead of
+    at qh3's transmit scheduled for the loop's next iteration (``call_soon``): a decode step's frame
+    leaves one loop iteration (tens of µs on a busy loop) earlier. No-op for other streams."""
+    protocol = getattr(writer.transport, "protocol", None)
+    if not isinstance(protocol, QuicProtocol):
+        return
+    handle = protocol._transmit_task
+    if handle is not None:
+        handle.cancel()
+    protocol.transmit()
+
+
 async def drain(writer: asyncio.StreamWriter, bound: int = DRAIN_BOUND_BYTES) -> None:
     """Wait until at most ``bound`` bytes of this QUIC stream are still unsent.
 
@@ -349,6 +362,7 @@ __all__ = [
     "QuicProtocol",
     "connect",
     "drain",
+    "flush",
     "has_room",
     "is_closed",
     "peer_address",

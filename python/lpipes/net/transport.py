@@ -130,11 +130,13 @@ async def write_frame(
 def write_frame_nowait(
     writer: asyncio.StreamWriter, frame: Frame, limits: WireLimits = DEFAULT_LIMITS
 ) -> bool:
-    """Write a frame at once if the stream has room (``_quic.has_room``); False: nothing written, use
-    :func:`write_frame`. Raises ConnectionError if the connection is closed."""
+    """Write a frame at once if the stream has room (``_quic.has_room``) and transmit it in this call
+    (``_quic.flush``); False: nothing written, use :func:`write_frame`. Raises ConnectionError if the
+    connection is closed."""
     if not _quic.has_room(writer):
         return False
     _write_parts(writer, encode(frame, limits))
+    _quic.flush(writer)
     return True
 
 
