@@ -196,21 +196,27 @@ class _Link:
 class Faults:
     """Fault injection for reliability tests, read from ``LPIPES_FAULTS`` (never set in production):
     comma-separated ``delay_ms=N`` (hold every step's output N ms before passing it on: a slow peer or
-    link) and ``cut_after=N`` (after every N steps passed on, write half of the next step's frame, then
-    drop the connection: the frame is lost mid-transfer)."""
+    link), ``cut_after=N`` (after every N steps passed on, write half of the next step's frame, then
+    drop the connection: the frame is lost mid-transfer) and ``claim_delay_ms=N`` (an ``auto`` node
+    makes its chosen span known N ms late: nodes starting together choose from the same view)."""
 
     delay_ms: float = 0.0
     cut_after: int = 0
+    claim_delay_ms: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> Faults:
         values: dict[str, float] = {}
         for item in filter(None, (x.strip() for x in text.split(","))):
             name, sep, value = item.partition("=")
-            if not sep or name not in ("delay_ms", "cut_after"):
-                raise ValueError(f"{FAULTS_ENV}: unknown fault {item!r} (delay_ms=N, cut_after=N)")
+            if not sep or name not in ("delay_ms", "cut_after", "claim_delay_ms"):
+                raise ValueError(
+                    f"{FAULTS_ENV}: unknown fault {item!r} (delay_ms=N, cut_after=N, claim_delay_ms=N)"
+                )
             values[name] = float(value)
-        return cls(values.get("delay_ms", 0.0), int(values.get("cut_after", 0)))
+        return cls(
+            values.get("delay_ms", 0.0), int(values.get("cut_after", 0)), values.get("claim_delay_ms", 0.0)
+        )
 
 
 @dataclass

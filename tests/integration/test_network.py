@@ -393,6 +393,38 @@ def test_auto_assignment_covers_every_layer(tmp_path_factory, model_dir, hf):
         net.stop_all()
 
 
+def test_auto_peers_started_together_take_different_spans(tmp_path_factory, model_dir):
+    # Two auto layer peers that start together see the same network and choose the same window
+    # (made certain here: each makes its choice known only 3 s later); the one with the higher node
+    # id must notice the other's claim and move.
+    from lpipes.models.checkpoint import open_checkpoint
+    from lpipes.runtime.local import weight_bytes
+
+    ckpt = open_checkpoint(model_dir)
+    budget = f"max_memory_gb = {(weight_bytes(ckpt, 0, 2, 'float32') + 1024) / (1 << 30):.9f}"
+    net = new_network(tmp_path_factory, model_dir)
+    try:
+        net.start("origin", layers="[0, 2]", origin=True)
+        peers = [
+            net.start(
+                name,
+                layers='"auto"',
+                bootstrap=net.address("origin"),
+                extra_model=budget,
+                env={"LPIPES_FAULTS": "claim_delay_ms=3000"},  # both choose before either is known
+                wait=False,
+            )
+            for name in ("p1", "p2")
+        ]
+        for p in peers:
+            net.wait_ready(p)
+        data = net.wait_coverage("origin", 3)
+        spans = {p["node_id"]: tuple(p["layers"]) for p in data["peers"]}
+        assert sorted(spans.values()) == [(0, 2), (2, 4), (4, 6)], spans
+    finally:
+        net.stop_all()
+
+
 def test_per_layer_inputs_travel_with_the_hidden_states(tmp_path_factory):
     # Gemma 4 layers take per-layer inputs next to the hidden state; a remote span gets its slice.
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("net-g4") / "tiny-gemma4", "gemma4_text", seed=0)

@@ -7,7 +7,16 @@ import time
 import pytest
 
 from lpipes.errors import NoRouteError
-from lpipes.swarm import Membership, PeerRecord, RecordError, choose_span, coverage, plan_route, sign_record
+from lpipes.swarm import (
+    Membership,
+    PeerRecord,
+    RecordError,
+    choose_span,
+    coverage,
+    plan_route,
+    rival_claim,
+    sign_record,
+)
 from lpipes.swarm.records import parse_record
 
 KEY = b"k" * 32
@@ -55,6 +64,20 @@ def test_layer_peers_start_where_routes_can_reach():
     assert choose_span(6, 3, [(2, 4)], origin_ends=[2]) == (4, 6)
     # An origin holding everything: nothing is needed, the peer doubles the last layers.
     assert choose_span(6, 2, [], origin_ends=[6]) == (4, 6)
+
+
+def test_simultaneous_auto_claims_go_to_the_lowest_node_id():
+    loading = dict(ready=False)
+    # p1 and p2 started together and both took [2, 4): p1 keeps it, p2 chooses again with it counted.
+    assert rival_claim("p2", (2, 4), [rec("p1", 2, 4, **loading)]).node_id == "p1"
+    assert rival_claim("p1", (2, 4), [rec("p2", 2, 4, **loading)]) is None
+    assert choose_span(6, 2, [(2, 4)], origin_ends=[2]) == (4, 6)
+    # The lowest of several rivals; a claim of another start is no rival.
+    many = [rec("p3", 2, 4, **loading), rec("p1", 2, 5, **loading), rec("p0", 4, 6, **loading)]
+    assert rival_claim("p4", (2, 4), many).node_id == "p1"
+    # A ready peer (chosen knowingly) and an origin's own span are never rivals.
+    assert rival_claim("p2", (2, 4), [rec("p1", 2, 4)]) is None
+    assert rival_claim("p2", (0, 2), [rec("a", 0, 2, end_model=True, **loading)]) is None
 
 
 def test_route_is_cheapest_chain_and_deterministic():

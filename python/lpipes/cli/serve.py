@@ -26,6 +26,10 @@ from lpipes.errors import LpipesError
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
+# An ``auto`` layer peer checks this many times, a gossip interval (at least AUTO_SETTLE_MIN_S) apart,
+# that no peer starting with it claimed the same window (see _settle_auto_span).
+AUTO_SETTLE_ROUNDS = 3
+AUTO_SETTLE_MIN_S = 0.5
 
 
 def _capacity(ckpt: Any, start: int, dtype: Any, budget_bytes: float) -> int:
@@ -157,7 +161,6 @@ async def _serve_networked(
 ) -> int:
     from lpipes.net.auth import load_key
     from lpipes.node import Node
-    from lpipes.swarm.planning import choose_span
 
     m = cfg.models[0]
     net = cfg.network
@@ -174,21 +177,21 @@ async def _serve_networked(
                 f"{config_path}: cannot listen for peers on {net.listen}: {exc.strerror or exc}"
             ) from None
         known = await node.join(net.join_timeout_s)
-        if span is None:
-            same = [p for p in node.membership.peers() if p.model_hash == settings.model_hash]
-            spans = [p.span for p in same if not p.end_model]
-            origin_ends = [p.end for p in same if p.end_model]
+        auto = span is None
+        if auto:
             # Size the window from layer 0's weights, then shrink it to what fits from its start.
-            cap = _capacity(ckpt, 0, dtype, m.max_memory_gb * GiB)
-            if cap == 0:
+            if _capacity(ckpt, 0, dtype, m.max_memory_gb * GiB) == 0:
                 raise LpipesError(
                     f"{config_path}: not one layer fits max_memory_gb = {m.max_memory_gb}; raise it"
                 )
-            start, end = choose_span(ckpt.num_layers, cap, spans, origin_ends=origin_ends)
-            span = (start, start + min(end - start, _capacity(ckpt, start, dtype, m.max_memory_gb * GiB)))
+            span = _auto_span(node, ckpt, dtype, m)
             log.info("layers auto: took [%d, %d) (knew %d peer(s))", *span, known)
+            if node.faults.claim_delay_ms:
+                await asyncio.sleep(node.faults.claim_delay_ms / 1000.0)
         node.span = span
         await node.announce()
+        if auto and not m.end_model:
+            node.span = await _settle_auto_span(node, ckpt, dtype, m)
         stages = await loop.run_in_executor(None, _load_span, m, span, dtype)
         if m.end_model:
             node.local_cache = getattr(stages[0], "cache", None) if stages else None
@@ -213,6 +216,46 @@ async def _serve_networked(
         if engine is not None:
             await loop.run_in_executor(None, engine.close)
         await node.close()
+
+
+def _auto_span(node: Any, ckpt: Any, dtype: Any, m: ModelConfig) -> tuple[int, int]:
+    """The ``auto`` span for the network this node knows now (see ``choose_span``)."""
+    from lpipes.swarm.planning import choose_span
+
+    same = [p for p in node.membership.peers() if p.model_hash == node.s.model_hash]
+    spans = [p.span for p in same if not p.end_model]
+    origin_ends = [p.end for p in same if p.end_model]
+    budget = m.max_memory_gb * GiB
+    cap = _capacity(ckpt, 0, dtype, budget)
+    start, end = choose_span(ckpt.num_layers, cap, spans, origin_ends=origin_ends)
+    return (start, start + min(end - start, _capacity(ckpt, start, dtype, budget)))
+
+
+async def _settle_auto_span(node: Any, ckpt: Any, dtype: Any, m: ModelConfig) -> tuple[int, int]:
+    """Give up an ``auto`` span that a peer starting at the same time claimed too (``rival_claim``):
+    every gossip round (``AUTO_SETTLE_ROUNDS`` of them, before any weight is loaded), look for such a
+    claim; on one, take a new span with it counted and announce that."""
+    from lpipes.swarm.planning import rival_claim
+
+    span = node.span
+    for _ in range(AUTO_SETTLE_ROUNDS):
+        await asyncio.sleep(max(AUTO_SETTLE_MIN_S, node.s.gossip_interval_s))
+        await node.announce()  # an exchange with every known peer: their claims, fresh
+        same = [p for p in node.membership.peers() if p.model_hash == node.s.model_hash]
+        rival = rival_claim(node.s.node_id, span, same)
+        if rival is None:
+            continue  # the next round may still bring a claim from a peer that joined a bit later
+        new = _auto_span(node, ckpt, dtype, m)
+        log.info(
+            "layers auto: %s claimed [%d, %d) at the same time and keeps it; taking [%d, %d)",
+            rival.node_id,
+            rival.start,
+            rival.end,
+            *new,
+        )
+        span = node.span = new
+        await node.announce()
+    return span
 
 
 def node_settings(cfg: NodeConfig, ckpt: Any, dtype: Any, key: bytes | None) -> Any:

@@ -7,7 +7,7 @@
 """
 
 from lpipes.swarm.membership import Membership
-from lpipes.swarm.planning import Hop, NoRouteError, choose_span, coverage, plan_route
+from lpipes.swarm.planning import Hop, NoRouteError, choose_span, coverage, plan_route, rival_claim
 from lpipes.swarm.records import PeerRecord, RecordError, sign_record
 
 __all__ = [
@@ -19,5 +19,6 @@ __all__ = [
     "choose_span",
     "coverage",
     "plan_route",
+    "rival_claim",
     "sign_record",
 ]

@@ -87,6 +87,18 @@ def choose_span(
     return (s, min(s + n, num_layers))
 
 
+def rival_claim(node_id: str, span: tuple[int, int], peers: Sequence[PeerRecord]) -> PeerRecord | None:
+    """The peer that keeps ``span``'s window when it and this node (``node_id``) claimed the same start
+    while both were still loading: ``auto`` nodes that start together choose from the same view of
+    the network and so take the same window; the lowest node id keeps it and the others choose
+    again with its claim counted. A ready peer is never a rival (a node that saw it chose a
+    doubled span knowingly), nor an origin (origins keep their own first span)."""
+    rivals = [
+        p for p in peers if not p.ready and not p.end_model and p.start == span[0] and p.node_id < node_id
+    ]
+    return min(rivals, key=lambda p: p.node_id) if rivals else None
+
+
 def plan_route(
     start: int,
     end: int,
