@@ -51,9 +51,11 @@ class NoRouteError(NetworkError):
 
 
 class RouteFailedError(NetworkError):
-    """A hop of the route failed during a step; the peer is marked and the step can be replayed on a
-    new route (the engine does so from each session's token history)."""
+    """A hop of the route failed during a step; the peer (``node_id``) is marked unless it is only
+    full (``capacity``), and the step can be replayed on a new route (the engine does so from each
+    session's token history)."""
 
-    def __init__(self, message: str, node_id: str | None = None) -> None:
+    def __init__(self, message: str, node_id: str | None = None, *, capacity: bool = False) -> None:
         super().__init__(message)
         self.node_id = node_id
+        self.capacity = capacity

@@ -109,6 +109,11 @@ PROBE_CACHE_S = 5.0
 DEFAULT_MAX_SESSIONS = 128
 
 
+# ERROR codes of a hop that is healthy but full (its KV pool, its session limit): the step fails over
+# without marking the hop as failed.
+CAPACITY_ERRORS = frozenset({"KVCacheFullError", "SessionLimitError"})
+
+
 class PeerStepError(LpipesError, RuntimeError):
     """This node cannot run a step it was sent (wrong span, still loading); reported to the origin."""
 
@@ -383,6 +388,10 @@ class Node:
             return (0, 0)
         return int(cache.blocks_used), int(cache.blocks_total)
 
+    def kv_block_tokens(self) -> int:
+        cache = getattr(self.executor, "cache", None) or self.local_cache
+        return int(getattr(cache, "block_size", 16))
+
     def own_record(self) -> PeerRecord:
         used, total = self.kv_blocks()
         rec = PeerRecord(
@@ -399,6 +408,7 @@ class Node:
             ready=self.ready,
             kv_blocks_used=used,
             kv_blocks_total=total,
+            kv_block_tokens=self.kv_block_tokens(),
             ms_per_layer=round(self.ms_per_layer, 4),
             version=next(self._version),
             issued_at=time.time(),
@@ -1067,7 +1077,9 @@ class Node:
         if code == "hop_failed" and i + 1 < len(ids) and frame.meta.get("failed") == ids[i + 1]:
             node = ids[i + 1]
         # Any hop failure reroutes (the next route may not have the problem); MAX_FAILOVERS bounds it.
-        self._fail(step, RouteFailedError(f"{node} failed the step ({code}): {message}", node))
+        # A full hop is healthy: it is not marked (that would take it off every route for a while).
+        full = code in CAPACITY_ERRORS
+        self._fail(step, RouteFailedError(f"{node} failed the step ({code}): {message}", node, capacity=full))
         return None
 
     def _fail(self, step: int, exc: BaseException) -> None:
@@ -1077,7 +1089,7 @@ class Node:
             return
         if p.timer is not None:
             p.timer.cancel()
-        if isinstance(exc, RouteFailedError) and exc.node_id is not None:
+        if isinstance(exc, RouteFailedError) and exc.node_id is not None and not exc.capacity:
             self.membership.mark(exc.node_id, str(exc))
         p.future.set_exception(exc)
 
@@ -1251,6 +1263,7 @@ class RemoteStage:
         # session id -> (its id on the wire, its route). A session's wire id changes each time it
         # starts again (a replay after failover): a late END_SESSION of the old one cannot end it.
         self._sessions: dict[str, tuple[str, list[Hop]]] = {}
+        self._tokens: dict[str, int] = {}  # session id -> tokens sent to its route (KV it holds there)
         self._incarnation = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -1302,6 +1315,9 @@ class RemoteStage:
             known = self._sessions.get(x.session_id)
             wire_id = known[0] if known is not None else f"{x.session_id}.{next(self._incarnation)}"
             self._sessions[x.session_id] = (wire_id, route)
+            self._tokens[x.session_id] = (0 if known is None else self._tokens.get(x.session_id, 0)) + int(
+                x.hidden.shape[0]
+            )
             sessions.append(wire_id)
         tensors = {
             "hidden": torch.cat([x.hidden for x in inputs]).contiguous(),
@@ -1332,8 +1348,49 @@ class RemoteStage:
 
     def end_session(self, session_id: str) -> None:
         known = self._sessions.pop(session_id, None)
+        self._tokens.pop(session_id, None)
         loop = self.node.loop
         if known is None or loop is None or loop.is_closed():
             return
         wire_id, route = known
         asyncio.run_coroutine_threadsafe(self.node.end_sessions(route, [wire_id]), loop)
+
+    def kv_pools(self) -> list[RemotePool]:
+        """The KV pools of the route's hops (the current route, or the one a step would take now),
+        as the engine's admission sees them; empty when no route can be planned. Called from the
+        engine thread."""
+        route = self.route
+        if route is None:
+            try:
+                route = self.plan()
+            except LpipesError:
+                return []
+        m = self.node.membership
+        shared = any(p.end_model for p in m.routable(self.node.s.model_hash))  # another origin
+        pools = []
+        for hop in route:
+            rec = m.get(hop.node_id)
+            if rec is not None and rec.kv_blocks_total > 0:
+                pools.append(RemotePool(rec, self._tokens, shared=shared))
+        return pools
+
+
+class RemotePool:
+    """A layer peer's KV pool as an origin's engine sees it (the interface of
+    :class:`~lpipes.runtime.paged.PagedKVCache` that the engine reads): the size the peer gossiped,
+    this origin's own sessions on it counted exactly and, when another origin shares the network
+    (``shared``), the peer's reported use where it is higher (a report is up to a gossip round old)."""
+
+    def __init__(self, record: PeerRecord, tokens: dict[str, int], *, shared: bool) -> None:
+        self.node_id = record.node_id
+        self.block_size = record.kv_block_tokens
+        self.blocks_total = record.kv_blocks_total
+        self._tokens = tokens
+        used = sum(-(-n // self.block_size) for n in list(tokens.values()))
+        if shared:
+            used = max(used, record.kv_blocks_used)
+        self.blocks_free = max(0, self.blocks_total - used)
+
+    def capacity(self, session_id: str) -> int:
+        """Token positions the session's blocks hold on the peer (0: none)."""
+        return -(-self._tokens.get(session_id, 0) // self.block_size) * self.block_size

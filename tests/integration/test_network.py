@@ -369,6 +369,61 @@ def test_without_redundancy_the_client_gets_an_error_within_5s(tmp_path_factory,
         net.stop_all()
 
 
+def test_layer_peer_kv_pools_gate_admission(tmp_path_factory, model_dir, hf):
+    """A layer peer's KV pool smaller than the load: the origin queues requests until the peer has
+    room (never failing a step over on a full pool), every request gets transformers' tokens, and
+    one that could never fit that pool is refused at once."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    block_bytes = 4 * 2 * cfg["num_key_value_heads"] * 16 * head_dim * 4  # 4 layers, K+V, fp32
+    blocks = 8  # 128 token positions per session at most, and in all
+    net = new_network(tmp_path_factory, model_dir)
+    try:
+        net.start("origin", layers="[0, 2]", origin=True)
+        net.start(
+            "small",
+            layers="[2, 6]",
+            bootstrap=net.address("origin"),
+            extra_model=f"kv_cache_gb = {(blocks * block_bytes + 512) / (1 << 30):.12f}",
+        )
+        data = net.wait_coverage("origin", 2)
+        small = next(p for p in data["peers"] if p["node_id"] == "small")
+        assert small["kv_blocks_total"] == blocks, small
+        base = net.api("origin")
+
+        # Each needs 3-4 blocks for its whole length: four at once would need twice the pool.
+        jobs = [(f"request {i}: the pool is small", 40) for i in range(4)]
+        expected = [hf_greedy(hf, p, n)[1] for p, n in jobs]
+
+        def complete(job: tuple[str, int]) -> str:
+            prompt, n = job
+            reply = client(base).completions.create(
+                model="tiny-qwen3",
+                prompt=prompt,
+                temperature=0,
+                max_tokens=n,
+                extra_body={"ignore_eos": True},
+            )
+            return reply.choices[0].text
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            assert list(pool.map(complete, jobs)) == expected
+        engine = httpx.get(base + "/lpipes/status", timeout=10).json()["engine"]
+        assert engine["failovers"] == 0, engine
+
+        # More than the peer's whole pool: refused before any work (400), not failed mid-stream.
+        with pytest.raises(openai.BadRequestError) as err:
+            client(base).completions.create(
+                model="tiny-qwen3", prompt="too long", max_tokens=blocks * 16, extra_body={"ignore_eos": True}
+            )
+        assert "context" in str(err.value).lower()
+    finally:
+        net.stop_all()
+
+
 def test_auto_assignment_covers_every_layer(tmp_path_factory, model_dir, hf):
     from lpipes.models.checkpoint import open_checkpoint
     from lpipes.runtime.local import weight_bytes

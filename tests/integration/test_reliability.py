@@ -112,6 +112,7 @@ def test_a_slow_hop_is_waited_for_not_failed(tiny_checkpoint):
 def test_faults_parse_and_refuse_unknown_names():
     assert Faults.parse("") == Faults()
     assert Faults.parse("delay_ms=40, cut_after=25") == Faults(40.0, 25)
+    assert Faults.parse("claim_delay_ms=3000") == Faults(claim_delay_ms=3000.0)
     with pytest.raises(ValueError, match="unknown fault"):
         Faults.parse("drop=1")
 

@@ -461,6 +461,7 @@ def test_max_sessions_refuses_one_more_and_the_origin_reports_it(span, caplog):
             ) as err:
                 await origin.run_step(route, ["c"], [2], _step(x))
             assert err.value.node_id == "peer"  # the origin fails it over (another route may have room)
+            assert err.value.capacity and not origin.membership.is_marked("peer")  # full, not failed
             assert sorted(peer.executor.cache.sessions) == ["origin.a", "origin.b"]
             # Sessions it holds go on; once one ends, a new one fits.
             await origin.run_step(route, ["a"], [1], _step(x[:1], 2))
@@ -474,7 +475,8 @@ def test_max_sessions_refuses_one_more_and_the_origin_reports_it(span, caplog):
 
     run(scenario())
     assert _logged(caplog, "over its max_sessions = 2", logging.INFO)  # the peer's line
-    assert _logged(caplog, "peer peer marked as failed: peer failed the step (SessionLimitError)")
+    # A full peer is healthy: it stays routable (marking it would take it off every route).
+    assert not _logged(caplog, "peer peer marked as failed")
 
 
 def test_an_oversize_frame_is_refused_from_its_header(span, caplog):

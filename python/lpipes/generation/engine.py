@@ -42,8 +42,9 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from lpipes.errors import LpipesError, RouteFailedError
+from lpipes.errors import ContextLengthError, LpipesError, RouteFailedError
 from lpipes.generation.loop import GenerationRequest, Generator, PendingStep, RequestState, TokenEvent
 from lpipes.runtime.paged import PagedKVCache
 
@@ -174,7 +175,7 @@ class Engine:
         """Most tokens (prompt + generated) one request may hold: the model's context length, or less
         when a stage's KV pool holds fewer tokens."""
         ctx = self.generator.end_model.context_length or 0
-        pools = [c.blocks_total * c.block_size for c in self.caches]
+        pools = [c.blocks_total * c.block_size for c in [*self.caches, *self._remote_pools()]]
         limits = [x for x in [ctx, *pools] if x]
         return min(limits) if limits else 0
 
@@ -254,6 +255,35 @@ class Engine:
                 return False
         return True
 
+    def _remote_pools(self) -> list[Any]:
+        """The KV pools of the layer peers on the network route (``RemoteStage.kv_pools``)."""
+        return [p for s in self.generator.stages if hasattr(s, "kv_pools") for p in s.kv_pools()]
+
+    def _fits_remote(self, plan: Sequence[tuple[_Entry, int]], others: int = 0) -> bool:
+        """The plan fits the network route's pools (``RemoteStage.kv_pools``) with a block to spare
+        for each of ``others`` running requests (other lanes, whose next step may need one): the
+        engine preempts and admits for layer peers' pools as for its own, instead of failing steps
+        over on a full peer."""
+        for pool in self._remote_pools():
+            if sum(self._blocks_needed(pool, e, n) for e, n in plan) + others > pool.blocks_free:
+                return False
+        return True
+
+    def _outgrows_remote(self, e: _Entry) -> ContextLengthError | None:
+        """The error for a request that cannot fit a route's pool even when empty (the route changed
+        to smaller peers after it was queued), else None."""
+        need = len(e.state.history) + e.state.request.params.max_tokens - e.state.n_generated
+        for pool in self._remote_pools():
+            if need > pool.blocks_total * pool.block_size:
+                return ContextLengthError(
+                    f"this request needs {need} token positions of KV cache, but peer {pool.node_id} on "
+                    f"the network route holds {pool.blocks_total * pool.block_size} in all",
+                    prompt_tokens=len(e.state.history),
+                    max_new_tokens=e.state.request.params.max_tokens,
+                    context_length=pool.blocks_total * pool.block_size,
+                )
+        return None
+
     def _plan(self, entries: Sequence[_Entry]) -> list[tuple[_Entry, int]]:
         """Split the step's token budget: decodes first, then prompt chunks in admission order."""
         budget = self.max_batch_tokens
@@ -285,7 +315,7 @@ class Engine:
             # Requests of lanes with a step in flight stay marked until that step is back.
             self._cancel &= {e.rid for e in self._running}
         # The lane's requests first; preempt its newest until their next tokens fit.
-        while lane.entries and not self._fits(self._plan(lane.entries)):
+        while lane.entries and not (self._fits(plan := self._plan(lane.entries)) and self._fits_remote(plan)):
             victim = lane.entries[-1]
             self._remove(victim)
             self.generator.end_session(victim.rid, missing_ok=True)
@@ -303,8 +333,14 @@ class Engine:
             if plan[-1][1] == 0:
                 break
             head = self._waiting[0]
-            if not self._fits([*plan[:-1], (head, len(head.pending))]):
-                break
+            whole = [*plan[:-1], (head, len(head.pending))]
+            if not self._fits(whole) or not self._fits_remote(whole, len(self._running) - len(lane.entries)):
+                too_big = self._outgrows_remote(head)
+                if too_big is None:
+                    break
+                self._waiting.popleft()  # it would hold the queue for ever
+                self._finish(head, too_big, running=False)
+                continue
             e = self._waiting.popleft()
             e.lane = lane.index
             self._running.append(e)

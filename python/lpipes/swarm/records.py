@@ -47,6 +47,7 @@ class PeerRecord(BaseModel):
     ready: bool = True  # False while the node loads its span (counted for coverage, not routed to)
     kv_blocks_used: Annotated[int, Field(ge=0)] = 0
     kv_blocks_total: Annotated[int, Field(ge=0)] = 0
+    kv_block_tokens: Annotated[int, Field(ge=1, le=1024)] = 16  # token positions per KV block
     ms_per_layer: Annotated[float, Field(ge=0.0, le=1e6)] = 0.0  # measured decode compute; 0 = unknown
     version: Annotated[int, Field(ge=0)] = 0
     issued_at: Annotated[float, Field(ge=0.0)] = 0.0  # the issuer's Unix time
