@@ -1213,6 +1213,22 @@ class Node:
             with contextlib.suppress(TransportError, LpipesError, OSError, TimeoutError):
                 await asyncio.wait_for(self.send(h.address, frame), 5.0)
 
+    def end_sessions_now(self, route: list[Hop], sessions: list[str]) -> None:
+        """:meth:`end_sessions` from a loop callback: each hop's ``END_SESSION`` is written at once
+        where its link has room, so it leaves before any step begun after it (a preempted session's
+        blocks are free at the first hop before the batch that counted them free arrives); the
+        others from a task."""
+        frame = Frame(MessageType.END_SESSION, {"origin": self.s.node_id, "sessions": sessions})
+        late = []
+        for h in route:
+            try:
+                if not self._send_now(h.address, frame):
+                    late.append(h)
+            except TransportError:
+                pass  # the link is gone: so is the hop's session, or its sweep frees it
+        if late:
+            self._spawn(self.end_sessions(late, sessions))
+
 
 def _lost_between(p: _Pending, step: int, replies: list[Frame]) -> RouteFailedError | None:
     """The error for ``step`` if a hop (or the origin) passed it on long enough ago while the next
@@ -1353,7 +1369,7 @@ class RemoteStage:
         if known is None or loop is None or loop.is_closed():
             return
         wire_id, route = known
-        asyncio.run_coroutine_threadsafe(self.node.end_sessions(route, [wire_id]), loop)
+        loop.call_soon_threadsafe(self.node.end_sessions_now, route, [wire_id])
 
     def kv_pools(self) -> list[RemotePool]:
         """The KV pools of the route's hops (the current route, or the one a step would take now),
