@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import secrets
 import signal
@@ -54,6 +55,7 @@ async def _two_hops(path, faults: Faults, scenario) -> None:
     """origin → peer-a [0, 1) → peer-b [1, 2) → origin, with ``faults`` injected on peer-a."""
     key = secrets.token_bytes(32)
     nodes: list[Node] = []
+    _two_hops.nodes = nodes  # for a scenario that reaches into the peers
     try:
         hops = []
         for name, (start, end) in (("peer-a", (0, 1)), ("peer-b", (1, 2))):
@@ -107,6 +109,26 @@ def test_a_slow_hop_is_waited_for_not_failed(tiny_checkpoint):
         assert out.shape == (1, hidden)
 
     asyncio.run(_two_hops(tiny_checkpoint("qwen3"), Faults(delay_ms=delay_s * 1000), scenario))
+
+
+def test_an_idle_push_stream_stays_open(tiny_checkpoint, caplog):
+    """A link's push stream that carries nothing for longer than the server's idle_timeout_s is
+    still served afterwards: no refusal, no dropped connection (it used to be taken for a failed
+    handshake and its connection closed)."""
+    caplog.set_level(logging.INFO, logger="lpipes")
+
+    async def scenario(origin: Node, route: list[Hop], hidden: int) -> None:
+        for node in _two_hops.nodes:
+            node.server.idle_timeout_s = 1.0  # frames only: the QUIC connections keep their 300 s
+        await _step(origin, route, hidden, "s", 0)
+        links = dict(origin._links)
+        await asyncio.sleep(2.5)  # idle, longer than idle_timeout_s
+        await _step(origin, route, hidden, "s", 1)
+        assert origin._links == links  # the same connections carried the second step
+
+    asyncio.run(_two_hops(tiny_checkpoint("qwen3"), Faults(), scenario))
+    refusals = [r.getMessage() for r in caplog.records if "refus" in r.getMessage()]
+    assert not refusals, refusals
 
 
 def test_faults_parse_and_refuse_unknown_names():

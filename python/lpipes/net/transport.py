@@ -23,7 +23,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from qh3.quic.connection import QuicConnectionError
 
@@ -93,20 +93,29 @@ async def read_frame(
     reader: asyncio.StreamReader,
     limits: WireLimits = DEFAULT_LIMITS,
     timeout: float | None = DEFAULT_TIMEOUT_S,
+    *,
+    wait: float | None | Literal["timeout"] = "timeout",
 ) -> Frame | None:
     """The next frame of a stream, or None at a clean end of stream.
 
+    ``wait`` bounds the wait for the frame's header (default: ``timeout``; None: no bound, for a
+    stream that may idle between frames), ``timeout`` the rest of the frame.
+
     Raises:
         WireError: a malformed frame (or a stream that ends inside one).
-        TimeoutError: nothing complete arrived within ``timeout`` seconds.
+        TimeoutError: no header within ``wait`` or no whole frame within ``timeout`` seconds.
     """
-    async with asyncio.timeout(timeout):
-        try:
+    try:
+        if wait is None:
             header = await reader.readexactly(HEADER_BYTES)
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial:
-                return None
-            raise WireError(f"frame: stream ended inside a header ({len(exc.partial)} bytes)") from None
+        else:
+            async with asyncio.timeout(timeout if wait == "timeout" else wait):
+                header = await reader.readexactly(HEADER_BYTES)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise WireError(f"frame: stream ended inside a header ({len(exc.partial)} bytes)") from None
+    async with asyncio.timeout(timeout):
         n = frame_length(header, limits)  # validated before anything is allocated
         buf = bytearray(header)
         try:
@@ -285,10 +294,20 @@ class PeerServer:
             assert conn.ctx is not None
             while True:
                 try:
-                    frame = await read_frame(reader, self.limits, timeout=self.idle_timeout_s)
+                    # An authenticated stream may idle between frames for as long as its connection
+                    # lives (QUIC's idle timeout and gossip bound that); a frame once begun must
+                    # arrive within idle_timeout_s.
+                    frame = await read_frame(reader, self.limits, timeout=self.idle_timeout_s, wait=None)
                 except WireError as exc:
                     log.info("bad frame from %s: %s", conn.ctx.peer_node_id, exc)
                     await write_frame(writer, error_frame("bad_frame", str(exc)), self.limits)
+                    break
+                except TimeoutError:
+                    log.info(
+                        "a frame from %s stalled for %g s mid-way; closing the stream",
+                        conn.ctx.peer_node_id,
+                        self.idle_timeout_s,
+                    )
                     break
                 if frame is None:
                     break
