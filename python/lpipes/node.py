@@ -54,6 +54,7 @@ from lpipes.errors import LpipesError, NoRouteError, RouteFailedError, SessionEr
 from lpipes.net import _quic
 from lpipes.net.auth import AuthError
 from lpipes.net.transport import (
+    HANDLE_ASYNC,
     FrameStream,
     PeerConnection,
     PeerContext,
@@ -282,7 +283,12 @@ class Node:
             mark_s=3 * settings.peer_timeout_s,
         )
         self.server = PeerServer(
-            settings.node_id, self._handle, key=settings.key, limits=settings.limits, identify=self._identify
+            settings.node_id,
+            self._handle,
+            key=settings.key,
+            limits=settings.limits,
+            identify=self._identify,
+            fast_handler=self._handle_now,
         )
         self.loop: asyncio.AbstractEventLoop | None = None
         self.address = settings.listen
@@ -687,6 +693,24 @@ class Node:
         with self._trace_lock, open(self._trace, "ab") as f:
             f.write(orjson.dumps(entry, default=str) + b"\n")
 
+    def _handle_now(self, frame: Frame, ctx: PeerContext) -> Frame | None:
+        """The server's ``fast_handler``: a step's frames (and pings) handled in the receive callback;
+        anything else is left to :meth:`_handle`."""
+        t = frame.type
+        if t == MessageType.FORWARD:
+            self._trace_frame(frame, ctx)
+            return self._on_forward(frame, ctx)
+        if t == MessageType.RESULT:
+            self._trace_frame(frame, ctx)
+            return self._on_result(frame, ctx)
+        if t == MessageType.ERROR:
+            self._trace_frame(frame, ctx)
+            return self._on_error(frame, ctx)
+        if t == MessageType.PING:
+            self._trace_frame(frame, ctx)
+            return Frame(MessageType.PONG, {"node_id": self.s.node_id, **self._progress(frame.meta)})
+        return HANDLE_ASYNC
+
     async def _handle(self, frame: Frame, ctx: PeerContext) -> Frame | None:
         self._trace_frame(frame, ctx)
         t = frame.type
@@ -701,7 +725,7 @@ class Node:
             seen = {r.node_id: self.membership.last_seen(r.node_id) for r in self.membership.peers()}
             return Frame(MessageType.GOSSIP, {"records": self.records(), "last_seen_s": seen})
         if t == MessageType.FORWARD:
-            return await self._on_forward(frame, ctx)
+            return self._on_forward(frame, ctx)
         if t == MessageType.RESULT:
             return self._on_result(frame, ctx)
         if t == MessageType.END_SESSION:
@@ -740,7 +764,7 @@ class Node:
             )
         return meta, hidden, positions, per_layer
 
-    async def _on_forward(self, frame: Frame, ctx: PeerContext) -> Frame | None:
+    def _on_forward(self, frame: Frame, ctx: PeerContext) -> Frame | None:
         meta, hidden, positions, per_layer = self._check_forward(frame)
         # Who may send it: the origin itself to the first hop, else the hop before this one. (A
         # refusal is the reply on the sender's stream, never a report to reply_to, which the frame
@@ -776,7 +800,7 @@ class Node:
                 )
         except (LpipesError, ValueError) as exc:
             code = "bad_frame" if isinstance(exc, WireError) else type(exc).__name__
-            await self._report(meta, code, str(exc))
+            self._spawn(self._report(meta, code, str(exc)))
             return None
         inputs = []
         off = 0

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from lpipes.net.auth import AuthError
-from lpipes.net.transport import PeerConnection, PeerErrorReply, PeerServer, read_frame, write_frame
+from lpipes.net.transport import (
+    HANDLE_ASYNC,
+    PeerConnection,
+    PeerErrorReply,
+    PeerServer,
+    read_frame,
+    write_frame,
+)
 from lpipes.wire import Frame, MessageType, WireError, WireLimits, encode_bytes
 
 KEY = b"k" * 32
@@ -42,17 +49,40 @@ class Echo:
         return None
 
 
-async def _server(key: bytes | None = KEY, limits: WireLimits | None = None) -> tuple[PeerServer, Echo, int]:
+def _fast(echo: Echo):
+    """A ``fast_handler`` for :class:`Echo`: PINGs answered in the receive callback, the rest left to
+    the async handler (so both paths of a diverted stream run, in order)."""
+
+    def handle(frame: Frame, ctx) -> Frame | None:
+        if frame.type == MessageType.PING:
+            echo.seen.append(frame)
+            return Frame(MessageType.PONG, {"t": frame.meta.get("t"), "peer": ctx.peer_node_id})
+        return HANDLE_ASYNC
+
+    return handle
+
+
+@pytest.fixture(params=[False, True], ids=["reader", "diverted"])
+def fast(request) -> bool:
+    """Serve streams through the StreamReader loop, or diverted into a frame sink."""
+    return request.param
+
+
+async def _server(
+    key: bytes | None = KEY, limits: WireLimits | None = None, fast: bool = False
+) -> tuple[PeerServer, Echo, int]:
     echo = Echo()
     kw = {"limits": limits} if limits else {}
+    if fast:
+        kw["fast_handler"] = _fast(echo)
     server = PeerServer("layer-1", echo, key=key, **kw)
     _, port = await server.start("127.0.0.1", 0)
     return server, echo, port
 
 
-def test_frames_round_trip_over_quic():
+def test_frames_round_trip_over_quic(fast):
     async def main():
-        server, echo, port = await _server()
+        server, echo, port = await _server(fast=fast)
         try:
             conn = await PeerConnection.open("127.0.0.1", port, node_id="origin", key=KEY)
             assert conn.peer_node_id == "layer-1"
@@ -153,9 +183,9 @@ def _garbage_cases() -> list[bytes]:
 
 
 @pytest.mark.parametrize("payload", _garbage_cases())
-def test_malformed_frames_get_error_replies_and_the_server_keeps_serving(payload):
+def test_malformed_frames_get_error_replies_and_the_server_keeps_serving(payload, fast):
     async def main():
-        server, echo, port = await _server()
+        server, echo, port = await _server(fast=fast)
         try:
             conn = await PeerConnection.open("127.0.0.1", port, node_id="origin", key=KEY)
             stream = await conn.open_stream()
@@ -167,6 +197,42 @@ def test_malformed_frames_get_error_replies_and_the_server_keeps_serving(payload
                 await conn.request(Frame(MessageType.FORWARD, {"session": "s"}, {"other": torch.ones(1)}))
             stream.close()
             assert (await conn.request(Frame(MessageType.PING, {"t": 4}))).meta["t"] == 4
+            await conn.close()
+        finally:
+            await server.close()
+
+    run(main())
+
+
+def test_a_diverted_stream_cuts_frames_from_any_pieces_and_keeps_their_order():
+    """Frames written a few bytes at a time, or several in one write, come out whole and in order,
+    with frames left to the async handler in between."""
+
+    async def main():
+        server, echo, port = await _server(fast=True)
+        try:
+            conn = await PeerConnection.open("127.0.0.1", port, node_id="origin", key=KEY)
+            stream = await conn.open_stream()
+            frames = []
+            for i in range(6):
+                if i % 2:
+                    frames.append(
+                        Frame(MessageType.FORWARD, {"session": f"s{i}"}, {"hidden": torch.full((3, 8), i)})
+                    )
+                else:
+                    frames.append(Frame(MessageType.PING, {"t": i}))
+            data = b"".join(bytes(encode_bytes(f)) for f in frames)
+            for k in range(0, len(data), 7):  # 7-byte pieces, each its own QUIC write
+                stream.writer.write(data[k : k + 7])
+                await asyncio.sleep(0)
+            replies = [await read_frame(stream.reader, timeout=TIMEOUT_S) for _ in frames]
+            assert [r.type for r in replies] == [MessageType.PONG, MessageType.RESULT] * 3
+            assert [r.meta.get("t", r.meta.get("session")) for r in replies] == [0, "s1", 2, "s3", 4, "s5"]
+            assert [f.type for f in echo.seen] == [f.type for f in frames]
+            stream.writer.write(data)  # all six in one write
+            replies = [await read_frame(stream.reader, timeout=TIMEOUT_S) for _ in frames]
+            assert torch.equal(replies[5].tensors["hidden"], torch.full((3, 8), 10))
+            stream.close()
             await conn.close()
         finally:
             await server.close()

@@ -15,6 +15,8 @@ on 4 MiB frames and ~120 CPU s/GiB; qh3 with this module's settings (configurati
 * :func:`drain` is the back-pressure that qh3's ``StreamWriter.drain()`` cannot give (it raises
   AttributeError: the stream adapter lacks asyncio's flow-control hooks): it waits while the stream's
   unsent bytes exceed ``DRAIN_BOUND_BYTES``, woken by the connection's transmits (ACKs, credit, pacing).
+* :class:`DivertingReader`: a stream's data can go straight to a callback in the receive path
+  (``divert``) instead of through the StreamReader and a task's wake-up.
 * :func:`peer_fingerprint` and :func:`peer_address` read what qh3 keeps in private state.
 """
 
@@ -31,6 +33,7 @@ from typing import Any
 from qh3.asyncio import QuicConnectionProtocol
 from qh3.asyncio import connect as _qh3_connect
 from qh3.asyncio import serve as _qh3_serve
+from qh3.asyncio.protocol import QuicStreamAdapter
 from qh3.quic.configuration import QuicConfiguration
 
 try:  # private qh3 API (2.1): the recvmmsg/GRO + GSO transport that only qh3's connect() uses
@@ -73,13 +76,58 @@ ACK_DEFER_MAX_BURST = 4
 ACK_DEFER_S = 0.002
 
 
+class DivertingReader(asyncio.StreamReader):
+    """The StreamReader of every stream of a :class:`QuicProtocol`. After :meth:`divert`, the
+    stream's data goes to the sink as qh3 receives it (in the protocol's receive callback), not to
+    the reader's buffer: a frame can be handled without waking a task and reading it back."""
+
+    _sink: Any = None
+
+    def divert(self, sink: Any) -> None:
+        """From now on, ``sink.feed(data)`` for each piece of the stream's data and ``sink.end()`` once
+        at its end (a FIN, a reset, a closed connection); what is already buffered is fed first."""
+        self._sink = sink
+        if self._buffer:  # asyncio's own buffer (a subclass may read it)
+            data = bytes(self._buffer)
+            self._buffer.clear()
+            sink.feed(data)
+        if self._eof or self._exception is not None:
+            sink.end()
+
+    def feed_data(self, data: bytes) -> None:
+        if self._sink is not None:
+            if data:
+                self._sink.feed(data)
+            return
+        super().feed_data(data)
+
+    def feed_eof(self) -> None:
+        super().feed_eof()
+        if self._sink is not None:
+            self._sink.end()
+
+    def set_exception(self, exc: BaseException) -> None:
+        super().set_exception(exc)
+        if self._sink is not None:
+            self._sink.end()
+
+
 class QuicProtocol(QuicConnectionProtocol):
-    """qh3's connection protocol, plus wake-ups for :func:`drain` after every transmit."""
+    """qh3's connection protocol, plus wake-ups for :func:`drain` after every transmit and a
+    :class:`DivertingReader` for every stream."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._drain_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._deferred_transmit: asyncio.TimerHandle | None = None
+
+    def _create_stream(self, stream_id: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        # qh3's own, with a DivertingReader
+        adapter = QuicStreamAdapter(self, stream_id)
+        reader = DivertingReader()
+        writer = asyncio.StreamWriter(adapter, None, reader, self._loop)
+        self._stream_readers[stream_id] = reader
+        return reader, writer
 
     def datagrams_received(self, data: list[bytes], addr: Any) -> None:
         self._quic.receive_many_datagrams(data, addr, now=self._loop_time())
@@ -356,6 +404,7 @@ def peer_address(protocol: Any) -> tuple[str, int] | None:
 
 __all__ = [
     "DRAIN_BOUND_BYTES",
+    "DivertingReader",
     "SOCKET_BUFFER_BYTES",
     "TUNING",
     "QuicConfiguration",

@@ -213,12 +213,22 @@ class _Conn:
     refused: bool = False
 
 
+#: What a ``fast_handler`` returns for a frame it leaves to the (async) ``handler``.
+HANDLE_ASYNC: Any = object()
+
+
 class PeerServer:
     """Accepts QUIC connections, authenticates them and answers frames with ``handler``.
 
     The handler is called once per received frame (after the handshake); what it returns is written
     back on the same stream. A malformed frame is answered with ``ERROR`` (code ``bad_frame``) and the
     stream is closed; the server keeps serving every other stream and connection.
+
+    With a ``fast_handler`` (synchronous, same contract, or :data:`HANDLE_ASYNC` to pass a frame on
+    to ``handler``), an authenticated stream's frames are parsed as its data arrives, in the QUIC
+    receive callback (:class:`_FrameSink`), and handed to it there: no task wakes up per frame. A
+    frame left to ``handler`` holds the stream's later frames until it is done, so a stream's frames
+    are always handled in order.
     """
 
     def __init__(
@@ -231,9 +241,11 @@ class PeerServer:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         idle_timeout_s: float = 300.0,
         identify: Identify | None = None,
+        fast_handler: Callable[[Frame, PeerContext], Frame | None] | None = None,
     ) -> None:
         self.node_id = node_id
         self.handler = handler
+        self.fast_handler = fast_handler
         self.key = key
         self.limits = limits
         self.timeout_s = timeout_s
@@ -292,6 +304,9 @@ class PeerServer:
             if conn.refused:  # a stream of a connection being closed: nothing of it is read
                 return
             assert conn.ctx is not None
+            if self.fast_handler is not None and isinstance(reader, _quic.DivertingReader):
+                await self._serve_diverted(reader, writer, conn.ctx)
+                return
             while True:
                 try:
                     # An authenticated stream may idle between frames for as long as its connection
@@ -313,13 +328,8 @@ class PeerServer:
                     break
                 try:
                     reply = await self.handler(frame, conn.ctx)
-                except WireError as exc:  # well-framed but invalid for its type
-                    reply = error_frame("bad_frame", str(exc), **_echo(frame))
-                except LpipesError as exc:
-                    reply = error_frame(type(exc).__name__, str(exc), **_echo(frame))
                 except Exception as exc:  # noqa: BLE001 - the peer gets an answer, the server stays up
-                    log.exception("handler failed on a %s frame", frame.type.name)
-                    reply = error_frame("internal", f"{type(exc).__name__}: {exc}", **_echo(frame))
+                    reply = _error_reply(frame, exc)
                 if reply is not None:
                     await write_frame(writer, reply, self.limits)
         except (AuthError, TimeoutError) as exc:
@@ -339,6 +349,26 @@ class PeerServer:
         finally:
             with contextlib.suppress(Exception):
                 writer.write_eof()
+
+    async def _serve_diverted(
+        self, reader: _quic.DivertingReader, writer: asyncio.StreamWriter, ctx: PeerContext
+    ) -> None:
+        """Serve an authenticated stream through a :class:`_FrameSink` until it ends (or a begun
+        frame stalls for ``idle_timeout_s``)."""
+        sink = _FrameSink(self, ctx, writer)
+        reader.divert(sink)
+        try:
+            while not sink.done.done():
+                await asyncio.wait({sink.done}, timeout=self.idle_timeout_s)
+                if sink.stalled(self.idle_timeout_s):
+                    log.info(
+                        "a frame from %s stalled for %g s mid-way; closing the stream",
+                        ctx.peer_node_id,
+                        self.idle_timeout_s,
+                    )
+                    break
+        finally:
+            sink.close()
 
     def _log_refusal(self, protocol: Any, exc: AuthError) -> None:
         """A warning per (peer host, reason) every ``REFUSAL_LOG_INTERVAL_S``; the rest at debug level."""
@@ -384,6 +414,161 @@ class PeerServer:
         await write_frame(writer, Frame(MessageType.WELCOME, {"ok": True}), self.limits)
         conn.ctx = PeerContext(peer_id, _quic.peer_address(protocol), fp_c)
         conn.authenticated.set()
+
+
+def _error_reply(frame: Frame, exc: Exception) -> Frame:
+    """The ``ERROR`` answer to a frame whose handler raised ``exc``."""
+    if isinstance(exc, WireError):  # well-framed but invalid for its type
+        return error_frame("bad_frame", str(exc), **_echo(frame))
+    if isinstance(exc, LpipesError):
+        return error_frame(type(exc).__name__, str(exc), **_echo(frame))
+    log.error("handler failed on a %s frame", frame.type.name, exc_info=exc)
+    return error_frame("internal", f"{type(exc).__name__}: {exc}", **_echo(frame))
+
+
+class _FrameSink:
+    """The frames of one authenticated server stream, cut from its data as qh3 delivers it (in the
+    connection's receive callback) and handed to the server's ``fast_handler`` right there. A frame
+    it leaves to ``handler``, or a reply that cannot be written at once, pauses the stream until a
+    task has finished with it; later data is buffered meanwhile, so frames keep their order.
+    Malformed data gets an ``ERROR`` ``bad_frame`` reply and ends the stream, as on the reader path."""
+
+    def __init__(self, server: PeerServer, ctx: PeerContext, writer: asyncio.StreamWriter) -> None:
+        self.server, self.ctx, self.writer = server, ctx, writer
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.buf = bytearray()
+        self.busy = False  # a task handles a frame (or writes a reply): later frames wait
+        self.ended = False  # the stream's end arrived (later than its data)
+        self.closed = False
+        self.partial_since: float | None = None  # loop time the buffered, incomplete frame began
+
+    # -- the reader's side (receive callback)
+    def feed(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if not self.buf:
+            self.partial_since = self.loop.time()
+        self.buf += data
+        if not self.busy:
+            self._run_guarded()
+
+    def end(self) -> None:
+        self.ended = True
+        if not self.busy:
+            self._run_guarded()
+
+    def _run_guarded(self) -> None:
+        # Called from qh3's event processing: nothing may escape into it.
+        try:
+            self._run()
+        except Exception:  # noqa: BLE001 - logged; the stream ends, the connection goes on
+            log.exception("frame stream from %s failed", self.ctx.peer_node_id)
+            self.close()
+
+    # -- the serving task's side
+    def stalled(self, after_s: float) -> bool:
+        return self.partial_since is not None and self.loop.time() - self.partial_since >= after_s
+
+    def close(self) -> None:
+        self.closed = True
+        self.buf = bytearray()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # -- frames
+    def _run(self) -> None:
+        limits = self.server.limits
+        while not self.busy and not self.closed:
+            buf = self.buf
+            if len(buf) < HEADER_BYTES:
+                break
+            try:
+                n = frame_length(bytes(buf[:HEADER_BYTES]), limits)
+            except WireError as exc:
+                self._bad(exc)
+                return
+            if len(buf) < n:
+                break
+            if len(buf) == n:  # the usual case: the buffer becomes the frame's own memory
+                raw, self.buf = buf, bytearray()
+            else:
+                raw = buf[:n]
+                del buf[:n]
+            self.partial_since = self.loop.time() if self.buf else None
+            try:
+                frame = decode(raw, limits)
+            except WireError as exc:
+                self._bad(exc)
+                return
+            self._dispatch(frame)
+        if self.ended and not self.busy and not self.closed:
+            if self.buf:  # the stream ended inside a frame
+                n = len(self.buf)
+                if n < HEADER_BYTES:
+                    self._bad(WireError(f"frame: stream ended inside a header ({n} bytes)"))
+                else:
+                    want = frame_length(bytes(self.buf[:HEADER_BYTES]), limits)
+                    self._bad(WireError(f"frame: stream ended after {n} of {want} bytes"))
+                return
+            self.close()
+
+    def _dispatch(self, frame: Frame) -> None:
+        fast = self.server.fast_handler
+        assert fast is not None
+        try:
+            reply = fast(frame, self.ctx)
+        except Exception as exc:  # noqa: BLE001 - the peer gets an answer, the server stays up
+            reply = _error_reply(frame, exc)
+        if reply is HANDLE_ASYNC:
+            self._later(self._slow(frame))
+        elif reply is not None:
+            self._reply(reply)
+
+    def _reply(self, reply: Frame) -> None:
+        try:
+            if write_frame_nowait(self.writer, reply, self.server.limits):
+                return
+        except ConnectionError:
+            self.close()
+            return
+        self._later(write_frame(self.writer, reply, self.server.limits))
+
+    def _bad(self, exc: WireError) -> None:
+        """Answer ``bad_frame`` and end the stream, both in one transmit: the sender sees the end
+        right behind the refusal (and drops the stream) before it can send more into it."""
+        log.info("bad frame from %s: %s", self.ctx.peer_node_id, exc)
+        with contextlib.suppress(ConnectionError, WireError):
+            _write_parts(self.writer, encode(error_frame("bad_frame", str(exc)), self.server.limits))
+            self.writer.write_eof()
+        self.close()  # nothing more of this stream is read
+
+    def _later(self, work: Awaitable[Any]) -> None:
+        self.busy = True
+        task = asyncio.ensure_future(self._resume_after(work))
+        self.server._tasks.add(task)
+        task.add_done_callback(self.server._tasks.discard)
+        task.add_done_callback(_log_task_error)
+
+    async def _resume_after(self, work: Awaitable[Any]) -> None:
+        try:
+            await work
+        except (ConnectionError, TimeoutError):
+            self.close()
+        finally:
+            self.busy = False
+        if self.closed:
+            self.close()
+        else:
+            self._run()
+
+    async def _slow(self, frame: Frame) -> None:
+        try:
+            reply = await self.server.handler(frame, self.ctx)
+        except Exception as exc:  # noqa: BLE001 - the peer gets an answer, the server stays up
+            reply = _error_reply(frame, exc)
+        if reply is not None:
+            await write_frame(self.writer, reply, self.server.limits)
 
 
 def _echo(frame: Frame) -> dict[str, Any]:
