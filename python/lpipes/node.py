@@ -814,10 +814,11 @@ class Node:
         self._log_step(meta, "queued")
         self._queue.append(_Job(frame, meta, inputs, positions, per_layer))
         if not self._kick_pending and not self._batch_running:
-            # Not run here: every FORWARD already received in this loop iteration queues first, and
-            # the kick runs them as one batch.
+            # Not run here: every FORWARD of the received burst (else of this loop iteration) queues
+            # first, and the kick runs them as one batch.
             self._kick_pending = True
-            asyncio.get_running_loop().call_soon(self._kick)
+            if not _quic.call_after_burst(self._kick):
+                asyncio.get_running_loop().call_soon(self._kick)
         return None
 
     # ------------------------------------------------------------- peer batching

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -275,13 +276,41 @@ def _let_kernel_fragment(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_IPV6, ipv6_mtu_discover, pmtudisc_want)
 
 
+_after_burst: list[Any] | None = None  # callbacks to run once the received burst is handled
+
+
+def call_after_burst(fn: Any) -> bool:
+    """Run ``fn()`` once the server has handled every datagram of the burst it is receiving now
+    (everything one receive call read, over all connections), in that same callback; False when no
+    burst is being handled (use ``loop.call_soon``). A layer peer batches every step frame of the
+    burst this way, without waiting for the loop's next iteration."""
+    if _after_burst is None:
+        return False
+    _after_burst.append(fn)
+    return True
+
+
 if _QuicServer is not None:
 
     class _BatchingQuicServer(_QuicServer):
         """Hands each burst of a connection's 1-RTT packets to it in one call (one transmit per burst);
-        qh3's QuicServer only has the one-datagram ``datagram_received``."""
+        qh3's QuicServer only has the one-datagram ``datagram_received``. Runs the
+        :func:`call_after_burst` callbacks once the whole burst is handled."""
 
         def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
+            global _after_burst
+            outer, _after_burst = _after_burst, []
+            try:
+                self._receive_burst(datagrams, addr)
+            finally:
+                callbacks, _after_burst = _after_burst, outer
+            for fn in callbacks:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - one callback's failure must not skip the others
+                    logging.getLogger(__name__).exception("after-burst callback failed")
+
+        def _receive_burst(self, datagrams: list[bytes], addr: Any) -> None:
             cid_len = self._configuration.connection_id_length
             batch: list[bytes] = []
             target = None
@@ -410,6 +439,7 @@ __all__ = [
     "QuicConfiguration",
     "QuicProtocol",
     "connect",
+    "call_after_burst",
     "drain",
     "flush",
     "has_room",
