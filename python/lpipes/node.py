@@ -110,6 +110,9 @@ PROBE_CACHE_S = 5.0
 DEFAULT_MAX_SESSIONS = 128
 
 
+# Frame types a node handles in the QUIC receive callback (Node._handle_now); the rest in a task.
+_HANDLED_NOW = frozenset({MessageType.FORWARD, MessageType.RESULT, MessageType.ERROR, MessageType.PING})
+
 # ERROR codes of a hop that is healthy but full (its KV pool, its session limit): the step fails over
 # without marking the hop as failed.
 CAPACITY_ERRORS = frozenset({"KVCacheFullError", "SessionLimitError"})
@@ -388,18 +391,18 @@ class Node:
         return task
 
     # ------------------------------------------------------------------- records
-    def kv_blocks(self) -> tuple[int, int]:
+    def _kv_cache(self) -> Any:
+        """This node's paged KV pool (a layer peer's span, or the origin's own), or None."""
         cache = getattr(self.executor, "cache", None) or self.local_cache
-        if cache is None or not hasattr(cache, "blocks_total"):
-            return (0, 0)
-        return int(cache.blocks_used), int(cache.blocks_total)
+        return cache if hasattr(cache, "blocks_total") else None
 
-    def kv_block_tokens(self) -> int:
-        cache = getattr(self.executor, "cache", None) or self.local_cache
-        return int(getattr(cache, "block_size", 16))
+    def kv_blocks(self) -> tuple[int, int]:
+        cache = self._kv_cache()
+        return (0, 0) if cache is None else (int(cache.blocks_used), int(cache.blocks_total))
 
     def own_record(self) -> PeerRecord:
         used, total = self.kv_blocks()
+        cache = self._kv_cache()
         rec = PeerRecord(
             node_id=self.s.node_id,
             address=self.address,
@@ -414,7 +417,7 @@ class Node:
             ready=self.ready,
             kv_blocks_used=used,
             kv_blocks_total=total,
-            kv_block_tokens=self.kv_block_tokens(),
+            kv_block_tokens=16 if cache is None else int(cache.block_size),
             ms_per_layer=round(self.ms_per_layer, 4),
             version=next(self._version),
             issued_at=time.time(),
@@ -695,27 +698,25 @@ class Node:
 
     def _handle_now(self, frame: Frame, ctx: PeerContext) -> Frame | None:
         """The server's ``fast_handler``: a step's frames (and pings) handled in the receive callback;
-        anything else is left to :meth:`_handle`."""
+        anything else is left to :meth:`_handle` (:data:`HANDLE_ASYNC`)."""
         t = frame.type
+        if t not in _HANDLED_NOW:
+            return HANDLE_ASYNC
+        self._trace_frame(frame, ctx)
         if t == MessageType.FORWARD:
-            self._trace_frame(frame, ctx)
             return self._on_forward(frame, ctx)
         if t == MessageType.RESULT:
-            self._trace_frame(frame, ctx)
             return self._on_result(frame, ctx)
         if t == MessageType.ERROR:
-            self._trace_frame(frame, ctx)
             return self._on_error(frame, ctx)
-        if t == MessageType.PING:
-            self._trace_frame(frame, ctx)
-            return Frame(MessageType.PONG, {"node_id": self.s.node_id, **self._progress(frame.meta)})
-        return HANDLE_ASYNC
+        return Frame(MessageType.PONG, {"node_id": self.s.node_id, **self._progress(frame.meta)})
 
     async def _handle(self, frame: Frame, ctx: PeerContext) -> Frame | None:
+        reply = self._handle_now(frame, ctx)
+        if reply is not HANDLE_ASYNC:
+            return reply
         self._trace_frame(frame, ctx)
         t = frame.type
-        if t == MessageType.PING:
-            return Frame(MessageType.PONG, {"node_id": self.s.node_id, **self._progress(frame.meta)})
         if t == MessageType.GOSSIP:
             records = frame.meta.get("records", [])
             if not isinstance(records, list) or len(records) > 4096:
@@ -724,14 +725,8 @@ class Node:
             self._after_merge()
             seen = {r.node_id: self.membership.last_seen(r.node_id) for r in self.membership.peers()}
             return Frame(MessageType.GOSSIP, {"records": self.records(), "last_seen_s": seen})
-        if t == MessageType.FORWARD:
-            return self._on_forward(frame, ctx)
-        if t == MessageType.RESULT:
-            return self._on_result(frame, ctx)
         if t == MessageType.END_SESSION:
             return await self._on_end(frame, ctx)
-        if t == MessageType.ERROR:
-            return self._on_error(frame, ctx)
         raise WireError(f"unexpected {t.name} frame")
 
     # ---------------------------------------------------------------- layer peer
@@ -1356,9 +1351,8 @@ class RemoteStage:
             known = self._sessions.get(x.session_id)
             wire_id = known[0] if known is not None else f"{x.session_id}.{next(self._incarnation)}"
             self._sessions[x.session_id] = (wire_id, route)
-            self._tokens[x.session_id] = (0 if known is None else self._tokens.get(x.session_id, 0)) + int(
-                x.hidden.shape[0]
-            )
+            held = 0 if known is None else self._tokens.get(x.session_id, 0)  # a new incarnation: none
+            self._tokens[x.session_id] = held + int(x.hidden.shape[0])
             sessions.append(wire_id)
         tensors = {
             "hidden": torch.cat([x.hidden for x in inputs]).contiguous(),
