@@ -1,9 +1,9 @@
 // AVX2 + FMA + F16C variant of the CPU kernels. Compiled with -mavx2 -mfma -mf16c; only ever called
 // through the dispatch in csrc/kernels/kernels.cpp after the CPU was checked.
 //
-// Same structure as the AVX-512 variant with 8-lane registers: a streaming GEMV for few x rows, and
+// Same structure as the AVX-512 variant with 8-lane registers: a streaming GEMV for one x row, and
 // for more rows tiles of 4 x rows over L2-sized blocks of W rows with the same per-row kernel (every
-// output summed in one fixed order: batch invariance).
+// output summed in one fixed order: batch invariance), the next block prefetched into L2 meanwhile.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -19,19 +19,21 @@ namespace avx2 {
 namespace {
 
 // ---------------------------------------------------------------------------------------------------
-// GEMV: MB x rows (1..4) against one W row at a time, W read strictly in memory order (see the
-// AVX-512 variant for why).
+// MB x rows (1..4) against one W row at a time.
 // ---------------------------------------------------------------------------------------------------
 static inline __m256 cvt_h(const f16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 
+// pf: a W row of the next block whose lines are prefetched into L2, one per line of w consumed (see
+// linear_tile); nullptr: none.
 template <int MB>
 static inline void gemv_row(const float* x, int64_t K, const f16_t* w, const float* bias, float* y, int64_t ldy,
-                            bool accumulate) {
+                            bool accumulate, const f16_t* pf) {
   __m256 acc0[MB], acc1[MB];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
+    if (pf != nullptr) _mm_prefetch(reinterpret_cast<const char*>(pf + k), _MM_HINT_T1);
     const __m256 b0 = cvt_h(w + k), b1 = cvt_h(w + k + 8), b2 = cvt_h(w + k + 16), b3 = cvt_h(w + k + 24);
     const float* xm = x + k;
 #pragma GCC unroll 4
@@ -55,19 +57,23 @@ static inline void gemv_row(const float* x, int64_t K, const f16_t* w, const flo
   }
 }
 
+// Rows n0..n1 of W; pf_ahead > 0: prefetch the W row that many rows ahead of each, up to row pf_end.
 template <int MB>
 static void gemv_rows(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                      bool accumulate, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) gemv_row<MB>(x, K, W + n * K, bias ? bias + n : nullptr, y + n, ldy, accumulate);
+                      bool accumulate, int64_t n0, int64_t n1, int64_t pf_ahead, int64_t pf_end) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const f16_t* pf = pf_ahead > 0 && n + pf_ahead < pf_end ? W + (n + pf_ahead) * K : nullptr;
+    gemv_row<MB>(x, K, W + n * K, bias ? bias + n : nullptr, y + n, ldy, accumulate, pf);
+  }
 }
 
 static void gemv(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                 bool accumulate, int64_t rows, int64_t n0, int64_t n1) {
+                 bool accumulate, int64_t rows, int64_t n0, int64_t n1, int64_t pf_ahead, int64_t pf_end) {
   switch (rows) {
-    case 1: gemv_rows<1>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
-    case 2: gemv_rows<2>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
-    case 3: gemv_rows<3>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
-    default: gemv_rows<4>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
+    case 1: gemv_rows<1>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
+    case 2: gemv_rows<2>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
+    case 3: gemv_rows<3>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
+    default: gemv_rows<4>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
   }
 }
 
@@ -88,16 +94,17 @@ constexpr int64_t kBlockWBytes = int64_t{192} << 10;
 
 void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
                  bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (m1 - m0 <= kTileRows) {
-    gemv(x + m0 * K, K, W, bias, y + m0 * ldy, ldy, accumulate, m1 - m0, n0, n1);
+  if (m1 - m0 == 1) {  // the decode GEMV: W streamed strictly in memory order
+    gemv(x + m0 * K, K, W, bias, y + m0 * ldy, ldy, accumulate, 1, n0, n1, 0, 0);
     return;
   }
   const int64_t block = std::max<int64_t>(1, kBlockWBytes / (2 * K));
   for (int64_t b0 = n0; b0 < n1; b0 += block) {
     const int64_t b1 = std::min(n1, b0 + block);
+    const int64_t pf_end = std::min(n1, b1 + block);  // the next block (this thread's rows only)
     for (int64_t m = m0; m < m1; m += kTileRows) {
       const int64_t rows = std::min(kTileRows, m1 - m);
-      gemv(x + m * K, K, W, bias, y + m * ldy, ldy, accumulate, rows, b0, b1);
+      gemv(x + m * K, K, W, bias, y + m * ldy, ldy, accumulate, rows, b0, b1, m == m0 ? block : 0, pf_end);
     }
   }
 }

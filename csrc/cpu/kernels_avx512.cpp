@@ -2,9 +2,10 @@
 // called through the dispatch in csrc/kernels/kernels.cpp after the CPU was checked.
 //
 // linear_f16: every output is one dot product summed in a fixed order (batch invariance, see below).
-//  * up to 4 x rows (decode GEMV): W is streamed once, in memory order, fp16 -> fp32 with vcvtph2ps
-//    on the fly; each W load feeds one FMA per x row.
-//  * more rows: tiles of 4 x rows over L2-sized blocks of W rows, with the same per-row kernel.
+//  * one x row (decode GEMV): W is streamed once, in memory order, fp16 -> fp32 with vcvtph2ps on the
+//    fly.
+//  * more rows: W is read in L2-sized blocks of rows; tiles of up to 4 x rows x 3 W rows pass over a
+//    block while the next block is prefetched into L2.
 //
 // GCC 12's AVX-512 intrinsics seed their pass-through operand with a self-initialised "undefined"
 // value, which -Wall flags as (maybe-)uninitialized once inlined without LTO (GCC bug 105593, fixed
@@ -27,34 +28,21 @@ namespace avx512 {
 
 namespace {
 
-// ---------------------------------------------------------------------------------------------------
-// GEMV: MB x rows (1..4) against one W row at a time.
-//
-// A thread reads its slice of W rows strictly in memory order (one stream), which the hardware
-// prefetcher follows best: on Zen 4 this beat 4 interleaved row streams (sharing each x load between
-// 4 rows), with or without software prefetch, by 10-25 % from DRAM, and matched a plain read of the
-// same bytes. x (at most 4 rows of K floats) stays in L1, so re-loading it per W row costs nothing
-// against the memory-bound W stream.
-// ---------------------------------------------------------------------------------------------------
 static inline __m512 cvt_h(const f16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 static inline __m512 cvt_h_n(const f16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 
-// With 2-4 x rows each W line takes longer to consume and the hardware prefetcher falls behind: a
-// software prefetch 4 KB ahead made the 0.6B LM head (151936 x 1024, one thread, from DRAM) 20-35 %
-// faster at 2-4 rows (M = 2: 27 -> 17-24 ms; M = 4: 37 -> 27-30 ms). At one row it cost 0-40 %, and
-// 2 or 8 KB ahead did worse: one row keeps the plain stream.
-constexpr int64_t kPrefetchHalfs = 2048;
-
 // MB x rows against RB consecutive W rows: every output y[m, r] is one dot product, summed in the one
 // order every path uses (two 16-lane accumulators over alternate halves of each 32-element chunk, the
 // masked tail into the first, then one horizontal sum): the batch invariance of linear_f16 rests on
-// this being the only dot product. With RB > 1 each x load feeds RB FMAs (x rows of a long K come
-// from L2).
+// this being the only dot product. Each x load feeds RB FMAs (x rows of a long K come from L2).
+//
+// pf: the first of pf_rows (< RB) W rows of the *next* block, whose lines are prefetched into L2, one
+// line per row for every line of W consumed here (see linear_tile).
 template <int MB, int RB>
 static inline void gemv_tile(const float* x, int64_t K, const f16_t* w, const float* bias, float* y, int64_t ldy,
-                             bool accumulate) {
+                             bool accumulate, const f16_t* pf, int64_t pf_rows) {
   __m512 acc0[MB][RB], acc1[MB][RB];
 #pragma GCC unroll 4
   for (int m = 0; m < MB; ++m)
@@ -62,10 +50,10 @@ static inline void gemv_tile(const float* x, int64_t K, const f16_t* w, const fl
     for (int r = 0; r < RB; ++r) acc0[m][r] = acc1[m][r] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    if (MB > 1 || RB > 1) {
+    if (pf != nullptr) {
 #pragma GCC unroll 3
       for (int r = 0; r < RB; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * K + k + kPrefetchHalfs), _MM_HINT_T0);
+        if (r < pf_rows) _mm_prefetch(reinterpret_cast<const char*>(pf + r * K + k), _MM_HINT_T1);
     }
     __m512 b0[RB], b1[RB];
 #pragma GCC unroll 3
@@ -107,59 +95,58 @@ static inline void gemv_tile(const float* x, int64_t K, const f16_t* w, const fl
     }
 }
 
-// One W row (the decode GEMV, W streamed in memory order).
-template <int MB>
-static inline void gemv_row(const float* x, int64_t K, const f16_t* w, const float* bias, float* y, int64_t ldy,
-                            bool accumulate) {
-  gemv_tile<MB, 1>(x, K, w, bias, y, ldy, accumulate);
-}
+// ---------------------------------------------------------------------------------------------------
+// Blocks of W rows small enough to stay in L2 (kBlockWBytes); every tile of up to 4 x rows passes over
+// a block, W rows 3 at a time, before the next block. Each output is one gemv_tile dot product, so
+// y[m, n] is summed in the same order whatever M is and however the rows are split between threads: a
+// sequence gets bit-identical results alone and batched with others (batch invariance; the packed
+// outer-product GEMM this replaced summed in another order and changed greedy tokens at near-ties
+// once batched).
+//
+// The first pass over a block prefetches the next block into L2, a line of it per line of W read, so
+// W arrives from DRAM while the block in L2 is computed on. Without it the hardware prefetcher, which
+// follows the W rows being read, falls behind whenever a W line takes longer to consume than to fetch
+// (more than one x row), and every pass waited on DRAM: on Zen 4, one thread, the 0.6B model's layer
+// matrices from DRAM (bench/kernels.py) went at 8 rows from 4.1-4.4 to 3.1-3.7 ms per layer (55 -> 75
+// GFLOP/s), at 4 rows from 3.1-3.3 to 1.8-2.2 ms, at 2 rows from 2.1 to 1.5 ms (the L2-resident rate
+// is ~100 GFLOP/s at 4+ rows).
+//
+// One x row (the decode GEMV) is memory-bound and reads its W rows strictly in memory order, one
+// stream, which the hardware prefetcher follows best: on Zen 4 this beat interleaved row streams,
+// the block prefetch above (1.33 vs 1.6-1.7 ms per layer) and a prefetch 4 KB ahead, and matched a
+// plain read of the same bytes.
+// ---------------------------------------------------------------------------------------------------
+constexpr int64_t kTileRows = 4;
+constexpr int kTileWRows = 3;
+constexpr int64_t kBlockWBytes = int64_t{192} << 10;
 
+// y[0:MB, n0:n1] for MB x rows (x, y at the first row), W rows kTileWRows at a time. pf_ahead > 0:
+// prefetch W rows that many rows ahead, up to row pf_end.
 template <int MB>
-static void gemv_rows(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                      bool accumulate, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) gemv_row<MB>(x, K, W + n * K, bias ? bias + n : nullptr, y + n, ldy, accumulate);
-}
-
-static void gemv(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                 bool accumulate, int64_t rows, int64_t n0, int64_t n1) {
-  switch (rows) {
-    case 1: gemv_rows<1>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
-    case 2: gemv_rows<2>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
-    case 3: gemv_rows<3>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
-    default: gemv_rows<4>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
+static void tile_rows(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
+                      bool accumulate, int64_t n0, int64_t n1, int64_t pf_ahead, int64_t pf_end) {
+  auto prefetch = [&](int64_t n, int64_t rows, int64_t* count) -> const f16_t* {
+    *count = pf_ahead > 0 ? std::clamp<int64_t>(pf_end - (n + pf_ahead), 0, rows) : 0;
+    return *count > 0 ? W + (n + pf_ahead) * K : nullptr;
+  };
+  int64_t n = n0, count = 0;
+  for (; n + kTileWRows <= n1; n += kTileWRows) {
+    const f16_t* pf = prefetch(n, kTileWRows, &count);
+    gemv_tile<MB, kTileWRows>(x, K, W + n * K, bias ? bias + n : nullptr, y + n, ldy, accumulate, pf, count);
+  }
+  for (; n < n1; ++n) {
+    const f16_t* pf = prefetch(n, 1, &count);
+    gemv_tile<MB, 1>(x, K, W + n * K, bias ? bias + n : nullptr, y + n, ldy, accumulate, pf, count);
   }
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Any number of x rows: tiles of up to 4 rows against blocks of W rows small enough to stay in L2
-// while every tile passes over them. Each output is still one gemv_tile dot product, so y[m, n] is
-// summed in the same order whatever M is and however the rows are split between threads: a
-// sequence gets bit-identical results alone and batched with others (batch invariance; the packed
-// outer-product GEMM this replaced summed in another order and changed greedy tokens at near-ties
-// once batched). bench/kernels.py, one thread: 16 rows ~80 GFLOP/s, 128-512 rows 72-94 (the GEMM:
-// 80-95); the prefetch of the 3 W rows took 16 rows from ~60 and the 0.6B LM head at 8 rows from
-// 55-58 to 43-47 ms.
-// ---------------------------------------------------------------------------------------------------
-constexpr int64_t kTileRows = 4;
-constexpr int64_t kBlockWBytes = int64_t{192} << 10;
-
-// y[0:MB, n0:n1] for MB x rows (x, y at the first row), W rows two at a time.
-template <int MB>
-static void tile_rows(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                      bool accumulate, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 3 <= n1; n += 3)
-    gemv_tile<MB, 3>(x, K, W + n * K, bias ? bias + n : nullptr, y + n, ldy, accumulate);
-  for (; n < n1; ++n) gemv_row<MB>(x, K, W + n * K, bias ? bias + n : nullptr, y + n, ldy, accumulate);
-}
-
 static void tile(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                 bool accumulate, int64_t rows, int64_t n0, int64_t n1) {
+                 bool accumulate, int64_t rows, int64_t n0, int64_t n1, int64_t pf_ahead, int64_t pf_end) {
   switch (rows) {
-    case 1: tile_rows<1>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
-    case 2: tile_rows<2>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
-    case 3: tile_rows<3>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
-    default: tile_rows<4>(x, K, W, bias, y, ldy, accumulate, n0, n1); break;
+    case 1: tile_rows<1>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
+    case 2: tile_rows<2>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
+    case 3: tile_rows<3>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
+    default: tile_rows<4>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
   }
 }
 
@@ -167,16 +154,20 @@ static void tile(const float* x, int64_t K, const f16_t* W, const float* bias, f
 
 void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
                  bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
-  if (m1 - m0 <= kTileRows) {
-    gemv(x + m0 * K, K, W, bias, y + m0 * ldy, ldy, accumulate, m1 - m0, n0, n1);
+  if (m1 - m0 == 1) {  // the decode GEMV: W streamed strictly in memory order
+    x += m0 * K;
+    y += m0 * ldy;
+    for (int64_t n = n0; n < n1; ++n)
+      gemv_tile<1, 1>(x, K, W + n * K, bias ? bias + n : nullptr, y + n, ldy, accumulate, nullptr, 0);
     return;
   }
   const int64_t block = std::max<int64_t>(1, kBlockWBytes / (2 * K));
   for (int64_t b0 = n0; b0 < n1; b0 += block) {
     const int64_t b1 = std::min(n1, b0 + block);
+    const int64_t pf_end = std::min(n1, b1 + block);  // the next block (this thread's rows only)
     for (int64_t m = m0; m < m1; m += kTileRows) {
       const int64_t rows = std::min(kTileRows, m1 - m);
-      tile(x + m * K, K, W, bias, y + m * ldy, ldy, accumulate, rows, b0, b1);
+      tile(x + m * K, K, W, bias, y + m * ldy, ldy, accumulate, rows, b0, b1, m == m0 ? block : 0, pf_end);
     }
   }
 }

@@ -1,7 +1,8 @@
 """linear_f16 (fp16 weights, fp32 activations and accumulation) against an fp32 torch reference.
 
-Covers every kernel path: the streaming GEMV (M <= 4) and the tiled kernel for more rows (tiles of 4
-x rows over blocks of W rows, W rows 3 at a time on AVX-512), with awkward sizes (K not a multiple of
+Covers every kernel path: the streaming GEMV (M = 1) and the tiled kernel for more rows (tiles of up
+to 4 x rows over blocks of W rows, W rows 3 at a time on AVX-512, the next block prefetched; several
+blocks whenever N * K > 96 Ki), with awkward sizes (K not a multiple of
 16/32, N not a multiple of any tile), bias, accumulate, the thread split over N and over M, batch
 invariance (a row's output is bit-identical whatever the other rows are), and argument checks.
 """
