@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -212,6 +213,62 @@ def test_pipeline_lanes_keep_steps_in_flight_and_the_same_tokens(model, depth):
         engine.close()
         remote.pool.shutdown(wait=True)
     assert remote.inner.cache.blocks_used == 0
+
+
+class FakeRemotePool:
+    """What the engine reads of a layer peer's KV pool (the interface of ``node.RemotePool``), set by
+    the test instead of by gossip."""
+
+    def __init__(self, blocks_total: int, blocks_free: int, block_size: int = 16) -> None:
+        self.node_id = "peer-x"
+        self.block_size, self.blocks_total, self.blocks_free = block_size, blocks_total, blocks_free
+
+    def capacity(self, session_id: str) -> int:
+        return 0
+
+
+def test_a_request_that_outgrows_a_changed_route_fails_without_holding_the_queue(model):
+    """The route's peer shrank (another, smaller peer took over the span) between a request's
+    submission and its admission: the request gets a ContextLengthError naming the peer instead of
+    waiting for ever at the head of the queue, and the request behind it runs."""
+    ref = build_local_generator(model, dtype="float16", executor="native")
+    small_prompt = ref.end_model.encode_prompt("hello")
+    small_params = SamplingParams(max_tokens=8, ignore_eos=True)
+    expected_small = ref.generate_text(small_prompt, small_params)[1]
+    big_prompt = ref.end_model.encode_prompt("tell me more " * 8)
+    big_params = SamplingParams(max_tokens=30, ignore_eos=True)
+    need = len(big_prompt) + 30
+    assert len(small_prompt) + 8 <= 32 < need <= 128
+
+    gen = build_local_generator(model, split=[1], dtype="float16", executor="native")
+    remote = ThreadedStage(gen.stages[1])
+    pool = FakeRemotePool(blocks_total=8, blocks_free=0)  # 128 positions, none free yet
+    remote.kv_pools = lambda: [pool]
+    gen.stages[1] = remote
+    engine = Engine(gen, max_batch_size=4)
+    try:
+        assert engine.context_length == 128
+        got = Collector(2)
+        engine.submit(
+            [
+                GenerationRequest(big_prompt, big_params, request_id="big"),
+                GenerationRequest(small_prompt, small_params, request_id="small"),
+            ],
+            got,
+        )
+        time.sleep(0.3)
+        assert not got.events and not got.errors  # both wait for room on the peer
+        pool.blocks_total, pool.blocks_free = 2, 2  # the route now holds 32 positions in all
+        got.wait()
+        assert list(got.events) == ["small"]
+        assert got.tokens("small") == expected_small
+        (err,) = got.errors.values()
+        assert isinstance(err, ContextLengthError)
+        assert f"needs {need} token positions" in str(err) and "peer-x" in str(err)
+        assert engine.stats.queued == 0 and engine.stats.active == 0
+    finally:
+        engine.close()
+        remote.pool.shutdown(wait=True)
 
 
 def test_sampled_requests_keep_their_seeded_streams(model):
