@@ -56,6 +56,7 @@ from lpipes.net.auth import AuthError
 from lpipes.net.transport import (
     HANDLE_ASYNC,
     FrameStream,
+    InboundConnection,
     PeerConnection,
     PeerContext,
     PeerServer,
@@ -99,6 +100,9 @@ TRACE_ENV = "LPIPES_TRACE_FRAMES"  # a file path: every received frame's summary
 LOST_GRACE_S = 2.0
 LOST_MIN_MBPS = 10.0
 STEP_LOG_SIZE = 4096  # steps whose progress a hop remembers
+# A connection this node opened to a peer that connected to it at the same moment is closed this long
+# after new frames moved to the peer's connection (what is in flight on it still arrives).
+RETIRE_GRACE_S = 5.0
 FAULTS_ENV = "LPIPES_FAULTS"  # test-only fault injection on a layer peer, see Faults
 FORBIDDEN = "forbidden"  # the ERROR code of a frame its authenticated sender may not send
 # A node id claimed with another certificate than its live record's is accepted only if the process
@@ -195,7 +199,7 @@ def _address(value: str) -> tuple[str, int]:
 # ------------------------------------------------------------------------------------ links
 @dataclass
 class _Link:
-    conn: PeerConnection
+    conn: PeerConnection | InboundConnection  # this node's connection to the peer, or the peer's to it
     push: FrameStream  # one long-lived stream for one-way frames (FORWARD, RESULT, END_SESSION)
     reader: asyncio.Task | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -292,6 +296,7 @@ class Node:
             limits=settings.limits,
             identify=self._identify,
             fast_handler=self._handle_now,
+            on_connection=self._on_inbound,
         )
         self.loop: asyncio.AbstractEventLoop | None = None
         self.address = settings.listen
@@ -304,6 +309,7 @@ class Node:
         # Versions start at the clock (ms) so a restarted node's records beat its old ones everywhere.
         self._version = itertools.count(int(time.time() * 1000))
         self._links: dict[str, _Link] = {}
+        self._inbound: dict[str, InboundConnection] = {}  # node id -> the connection it opened to this node
         self._link_locks: dict[str, asyncio.Lock] = {}
         self._rtt_ms: dict[str, float] = {}
         self._pending: dict[int, _Pending] = {}
@@ -430,6 +436,8 @@ class Node:
 
     # --------------------------------------------------------------------- links
     async def _link(self, address: str) -> _Link:
+        """The link to the node at ``address``: over the connection that node opened to this one if
+        there is one (one connection per pair), else over a new connection this node opens."""
         link = self._links.get(address)
         if link is not None:
             return link
@@ -438,12 +446,55 @@ class Node:
             link = self._links.get(address)
             if link is not None:
                 return link
-            conn = await self._open(address, limits=self.s.limits)
+            conn: PeerConnection | InboundConnection | None = self._inbound_from(address)
+            if conn is None:
+                opened = await self._open(address, limits=self.s.limits, serve=self.server.serve_stream)
+                # Both ends may have connected at once: the connection opened by the smaller node id
+                # is the one both keep (see _on_inbound).
+                theirs = self._inbound.get(opened.peer_node_id)
+                if theirs is not None and not theirs.closed and opened.peer_node_id < self.s.node_id:
+                    await opened.close()
+                    conn = theirs
+                else:
+                    conn = opened
             push = await conn.open_stream()
             link = _Link(conn, push)
             link.reader = self._spawn(self._read_push_replies(address, link))
             self._links[address] = link
             return link
+
+    def _inbound_from(self, address: str) -> InboundConnection | None:
+        """The live connection that the node listening at ``address`` (by its record) opened to this
+        node, if any."""
+        for rec in self.membership.peers():
+            if rec.address == address:
+                conn = self._inbound.get(rec.node_id)
+                if conn is not None and not conn.closed and conn.peer_fp.hex() == rec.cert_fp:
+                    return conn
+        return None
+
+    def _on_inbound(self, conn: InboundConnection) -> None:
+        """A peer connected to this node (its handshake passed): it is this node's connection to
+        that peer too. If this node had opened one to it as well (both connected at once) and has
+        the larger id, its own is retired: new frames take the peer's, and the old connection
+        closes once what is in flight on it had time to arrive."""
+        for nid, old in list(self._inbound.items()):
+            if old.closed:
+                del self._inbound[nid]
+        self._inbound[conn.peer_node_id] = conn
+        if conn.peer_node_id > self.s.node_id:
+            return
+        for link in list(self._links.values()):
+            if link.conn is not conn and link.conn.peer_node_id == conn.peer_node_id:
+                self._forget_link(link)
+                if self.loop is not None:
+                    self.loop.call_later(RETIRE_GRACE_S, lambda c=link.conn: self._spawn(c.close()))
+
+    def connections(self) -> int:
+        """The live QUIC connections this node holds to peers (opened by either end)."""
+        live = {id(link.conn.protocol) for link in self._links.values() if not link.conn.closed}
+        live.update(id(c.protocol) for c in self._inbound.values() if not c.closed)
+        return len(live)
 
     async def _open(self, address: str, **options: Any) -> PeerConnection:
         """An authenticated connection to the node at ``address``, as this node (its id, key and

@@ -131,6 +131,11 @@ class QuicProtocol(QuicConnectionProtocol):
         return reader, writer
 
     def datagrams_received(self, data: list[bytes], addr: Any) -> None:
+        # A client connection's burst (a server's bursts come through _BatchingQuicServer, which
+        # already runs the call_after_burst callbacks once for all its connections).
+        _in_burst(self._receive_many, data, addr)
+
+    def _receive_many(self, data: list[bytes], addr: Any) -> None:
         self._quic.receive_many_datagrams(data, addr, now=self._loop_time())
         self._process_events()
         self._transmit_after_receive(len(data))
@@ -280,14 +285,34 @@ _after_burst: list[Any] | None = None  # callbacks to run once the received burs
 
 
 def call_after_burst(fn: Any) -> bool:
-    """Run ``fn()`` once the server has handled every datagram of the burst it is receiving now
-    (everything one receive call read, over all connections), in that same callback; False when no
-    burst is being handled (use ``loop.call_soon``). A layer peer batches every step frame of the
-    burst this way, without waiting for the loop's next iteration."""
+    """Run ``fn()`` once every datagram of the burst being received now is handled (everything one
+    receive call of a server read, over all its connections, or one receive call of a client
+    connection), in that same callback; False when no burst is being handled (use
+    ``loop.call_soon``). A layer peer batches every step frame of the burst this way, without
+    waiting for the loop's next iteration."""
     if _after_burst is None:
         return False
     _after_burst.append(fn)
     return True
+
+
+def _in_burst(receive: Any, *args: Any) -> None:
+    """``receive(*args)``, then the :func:`call_after_burst` callbacks it queued (inside an outer
+    burst: left to that one)."""
+    global _after_burst
+    if _after_burst is not None:
+        receive(*args)
+        return
+    _after_burst = []
+    try:
+        receive(*args)
+    finally:
+        callbacks, _after_burst = _after_burst, None
+    for fn in callbacks:
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - one callback's failure must not skip the others
+            logging.getLogger(__name__).exception("after-burst callback failed")
 
 
 if _QuicServer is not None:
@@ -298,17 +323,7 @@ if _QuicServer is not None:
         :func:`call_after_burst` callbacks once the whole burst is handled."""
 
         def datagrams_received(self, datagrams: list[bytes], addr: Any) -> None:
-            global _after_burst
-            outer, _after_burst = _after_burst, []
-            try:
-                self._receive_burst(datagrams, addr)
-            finally:
-                callbacks, _after_burst = _after_burst, outer
-            for fn in callbacks:
-                try:
-                    fn()
-                except Exception:  # noqa: BLE001 - one callback's failure must not skip the others
-                    logging.getLogger(__name__).exception("after-burst callback failed")
+            _in_burst(self._receive_burst, datagrams, addr)
 
         def _receive_burst(self, datagrams: list[bytes], addr: Any) -> None:
             cid_len = self._configuration.connection_id_length

@@ -1,8 +1,11 @@
 """QUIC transport between peers: authenticated connections carrying frames on streams.
 
-One connection per peer pair, reused; a stream per conversation (a session hop, a control
-exchange). On a stream, frames flow back to back (``docs/wire-format.md``); the receiver validates
-each header before it allocates the frame's buffer. :class:`PeerServer` answers the frames it
+One connection per peer pair, reused in both directions; a stream per conversation (a session hop, a
+control exchange). A node sends to a peer that connected to it over that peer's connection
+(:class:`InboundConnection`, streams opened by the server side) instead of opening a second one.
+
+On a stream, frames flow back to back (``docs/wire-format.md``); the receiver validates each header
+before it allocates the frame's buffer. :class:`PeerServer` answers the frames it
 receives with a handler; :class:`PeerConnection` is the client side. Every read has a timeout;
 every write waits until the stream has at most ``_quic.DRAIN_BOUND_BYTES`` unsent (``_quic.drain``), so a
 slow link or peer slows the writer instead of growing its queue.
@@ -229,6 +232,10 @@ class PeerServer:
     receive callback (:class:`_FrameSink`), and handed to it there: no task wakes up per frame. A
     frame left to ``handler`` holds the stream's later frames until it is done, so a stream's frames
     are always handled in order.
+
+    ``on_connection`` is told of every authenticated connection (as an :class:`InboundConnection`,
+    on which this side may open streams too); :meth:`serve_stream` serves the streams a peer opens
+    on a connection this node opened, with the same handlers.
     """
 
     def __init__(
@@ -242,8 +249,10 @@ class PeerServer:
         idle_timeout_s: float = 300.0,
         identify: Identify | None = None,
         fast_handler: Callable[[Frame, PeerContext], Frame | None] | None = None,
+        on_connection: Callable[[InboundConnection], None] | None = None,
     ) -> None:
         self.node_id = node_id
+        self.on_connection = on_connection
         self.handler = handler
         self.fast_handler = fast_handler
         self.key = key
@@ -304,34 +313,7 @@ class PeerServer:
             if conn.refused:  # a stream of a connection being closed: nothing of it is read
                 return
             assert conn.ctx is not None
-            if self.fast_handler is not None and isinstance(reader, _quic.DivertingReader):
-                await self._serve_diverted(reader, writer, conn.ctx)
-                return
-            while True:
-                try:
-                    # An authenticated stream may idle between frames for as long as its connection
-                    # lives (QUIC's idle timeout and gossip bound that); a frame once begun must
-                    # arrive within idle_timeout_s.
-                    frame = await read_frame(reader, self.limits, timeout=self.idle_timeout_s, wait=None)
-                except WireError as exc:
-                    log.info("bad frame from %s: %s", conn.ctx.peer_node_id, exc)
-                    await write_frame(writer, error_frame("bad_frame", str(exc)), self.limits)
-                    break
-                except TimeoutError:
-                    log.info(
-                        "a frame from %s stalled for %g s mid-way; closing the stream",
-                        conn.ctx.peer_node_id,
-                        self.idle_timeout_s,
-                    )
-                    break
-                if frame is None:
-                    break
-                try:
-                    reply = await self.handler(frame, conn.ctx)
-                except Exception as exc:  # noqa: BLE001 - the peer gets an answer, the server stays up
-                    reply = _error_reply(frame, exc)
-                if reply is not None:
-                    await write_frame(writer, reply, self.limits)
+            await self._serve_authenticated(reader, writer, conn.ctx)
         except (AuthError, TimeoutError) as exc:
             if isinstance(exc, TimeoutError):
                 exc = AuthError(f"no handshake within {HANDSHAKE_TIMEOUT_S:g} s")
@@ -349,6 +331,60 @@ class PeerServer:
         finally:
             with contextlib.suppress(Exception):
                 writer.write_eof()
+
+    def serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: PeerContext
+    ) -> None:
+        """Serve a stream that the peer ``ctx`` opened on a connection this node opened (and whose
+        handshake authenticated that peer), as if it had arrived here."""
+        task = asyncio.ensure_future(self._serve_peer_stream(reader, writer, ctx))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_task_error)
+
+    async def _serve_peer_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: PeerContext
+    ) -> None:
+        try:
+            await self._serve_authenticated(reader, writer, ctx)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.write_eof()
+
+    async def _serve_authenticated(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ctx: PeerContext
+    ) -> None:
+        """Answer the frames of an authenticated stream until it ends."""
+        if self.fast_handler is not None and isinstance(reader, _quic.DivertingReader):
+            await self._serve_diverted(reader, writer, ctx)
+            return
+        while True:
+            try:
+                # An authenticated stream may idle between frames for as long as its connection
+                # lives (QUIC's idle timeout and gossip bound that); a frame once begun must
+                # arrive within idle_timeout_s.
+                frame = await read_frame(reader, self.limits, timeout=self.idle_timeout_s, wait=None)
+            except WireError as exc:
+                log.info("bad frame from %s: %s", ctx.peer_node_id, exc)
+                await write_frame(writer, error_frame("bad_frame", str(exc)), self.limits)
+                break
+            except TimeoutError:
+                log.info(
+                    "a frame from %s stalled for %g s mid-way; closing the stream",
+                    ctx.peer_node_id,
+                    self.idle_timeout_s,
+                )
+                break
+            if frame is None:
+                break
+            try:
+                reply = await self.handler(frame, ctx)
+            except Exception as exc:  # noqa: BLE001 - the peer gets an answer, the server stays up
+                reply = _error_reply(frame, exc)
+            if reply is not None:
+                await write_frame(writer, reply, self.limits)
 
     async def _serve_diverted(
         self, reader: _quic.DivertingReader, writer: asyncio.StreamWriter, ctx: PeerContext
@@ -414,6 +450,8 @@ class PeerServer:
         await write_frame(writer, Frame(MessageType.WELCOME, {"ok": True}), self.limits)
         conn.ctx = PeerContext(peer_id, _quic.peer_address(protocol), fp_c)
         conn.authenticated.set()
+        if self.on_connection is not None:
+            self.on_connection(InboundConnection(protocol, conn.ctx, self.limits, self.timeout_s))
 
 
 def _error_reply(frame: Frame, exc: Exception) -> Frame:
@@ -571,6 +609,12 @@ class _FrameSink:
             await write_frame(self.writer, reply, self.server.limits)
 
 
+async def _cancel_task(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+
 def _echo(frame: Frame) -> dict[str, Any]:
     return {k: frame.meta[k] for k in ("session", "step") if k in frame.meta}
 
@@ -617,8 +661,49 @@ class FrameStream:
             self.writer.write_eof()
 
 
-class PeerConnection:
-    """An authenticated QUIC connection to one peer."""
+class _StreamsMixin:
+    """Streams this side opens on an authenticated connection."""
+
+    protocol: Any
+    limits: WireLimits
+    timeout_s: float
+
+    async def open_stream(self) -> FrameStream:
+        reader, writer = await self.protocol.create_stream()
+        return FrameStream(reader, writer, self.limits, self.timeout_s)
+
+    async def request(self, frame: Frame, timeout: float | None = None) -> Frame:
+        """One frame out, one reply back, on a fresh stream."""
+        stream = await self.open_stream()
+        try:
+            return await stream.request(frame, timeout)
+        finally:
+            stream.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.protocol is None or _quic.is_closed(self.protocol)
+
+
+class InboundConnection(_StreamsMixin):
+    """A connection a peer opened to this node's :class:`PeerServer`, as seen once the handshake
+    authenticated it: this node may open streams on it too (server-initiated), to send to that peer
+    without a second connection. ``close()`` closes the connection (for both ends)."""
+
+    def __init__(self, protocol: Any, ctx: PeerContext, limits: WireLimits, timeout_s: float) -> None:
+        self.protocol = protocol
+        self.peer_node_id = ctx.peer_node_id
+        self.peer_fp = ctx.peer_fp
+        self.limits, self.timeout_s = limits, timeout_s
+        self.inbound = True
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.protocol.close()
+
+
+class PeerConnection(_StreamsMixin):
+    """An authenticated QUIC connection to one peer (opened by this node)."""
 
     def __init__(self) -> None:
         self._stack = contextlib.AsyncExitStack()
@@ -627,6 +712,9 @@ class PeerConnection:
         self.peer_fp = b""  # the server's certificate fingerprint, covered by its proof
         self.limits = DEFAULT_LIMITS
         self.timeout_s = DEFAULT_TIMEOUT_S
+        self.inbound = False
+        self._authenticated = asyncio.Event()
+        self._serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter, PeerContext], None] | None = None
 
     @classmethod
     async def open(
@@ -640,15 +728,19 @@ class PeerConnection:
         limits: WireLimits = DEFAULT_LIMITS,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter, PeerContext], None] | None = None,
     ) -> PeerConnection:
         """Connect and run the handshake; raises :class:`TransportError` or :class:`AuthError`.
 
         ``cert`` is this node's certificate (its listener's), whose key signs the handshake: the
         peer binds ``node_id`` to it. A client without a listener (``lpipes status``) leaves it out
-        and gets a fresh one.
+        and gets a fresh one. ``serve`` (a node's :meth:`PeerServer.serve_stream`) serves the
+        streams the peer opens on this connection once the handshake authenticated it; without it
+        they are left unread.
         """
         self = cls()
         self.limits, self.timeout_s = limits, timeout_s
+        self._serve = serve
         cert = cert or make_certificate(node_id)
         try:
             await asyncio.wait_for(self._connect(host, port, node_id, key, cert), handshake_timeout_s)
@@ -679,7 +771,13 @@ class PeerConnection:
         """The client's side of the handshake (``lpipes.net.auth``): the server's proof is checked
         before anything of this node's proof or identity leaves."""
         self.protocol = await self._stack.enter_async_context(
-            _quic.connect(host, port, configuration=quic_configuration(is_client=True), wait_connected=True)
+            _quic.connect(
+                host,
+                port,
+                configuration=quic_configuration(is_client=True),
+                wait_connected=True,
+                stream_handler=self._on_stream if self._serve is not None else None,
+            )
         )
         stream = await self.open_stream()
         try:
@@ -707,20 +805,28 @@ class PeerConnection:
             if ok.meta.get("ok") is not True:
                 raise AuthError("handshake: the peer did not accept the proof")
             self.peer_node_id, self.peer_fp = peer_id, fp_s
+            self._authenticated.set()
         finally:
             stream.close()
 
-    async def open_stream(self) -> FrameStream:
-        reader, writer = await self.protocol.create_stream()
-        return FrameStream(reader, writer, self.limits, self.timeout_s)
+    def _on_stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A stream the server opened: served once this side's handshake has verified the server
+        (the server may open one as soon as it verified this side, a moment earlier)."""
+        task = asyncio.ensure_future(self._serve_when_authenticated(reader, writer))
+        self._stack.push_async_callback(_cancel_task, task)
 
-    async def request(self, frame: Frame, timeout: float | None = None) -> Frame:
-        """One frame out, one reply back, on a fresh stream."""
-        stream = await self.open_stream()
+    async def _serve_when_authenticated(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
-            return await stream.request(frame, timeout)
-        finally:
-            stream.close()
+            await asyncio.wait_for(self._authenticated.wait(), HANDSHAKE_TIMEOUT_S)
+        except TimeoutError:
+            writer.write_eof()
+            return
+        assert self._serve is not None
+        self._serve(
+            reader, writer, PeerContext(self.peer_node_id, _quic.peer_address(self.protocol), self.peer_fp)
+        )
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

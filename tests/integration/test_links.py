@@ -1,0 +1,70 @@
+"""One QUIC connection per pair of nodes: a node sends to a peer over the connection that peer opened
+to it (streams opened by the server side), and two nodes that connect to each other at the same
+moment settle on one of the two connections. Real nodes on 127.0.0.1, real QUIC."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+
+from lpipes.node import RETIRE_GRACE_S, Node, NodeSettings
+
+SETTLE_S = RETIRE_GRACE_S + 10.0
+
+
+def _node(node_id: str, key: bytes, bootstrap: list[str]) -> Node:
+    return Node(
+        NodeSettings(
+            node_id=node_id,
+            listen="127.0.0.1:0",
+            bootstrap=bootstrap,
+            key=key,
+            model="tiny",
+            model_hash="0" * 16,
+            num_layers=2,
+            hidden_size=8,
+            gossip_interval_s=0.2,
+        )
+    )
+
+
+def test_each_pair_of_nodes_shares_one_connection():
+    async def scenario() -> None:
+        key = secrets.token_bytes(32)
+        a = _node("a", key, [])
+        await a.start()
+        b = _node("b", key, [a.address])
+        c = _node("c", key, [a.address])
+        nodes = [a, b, c]
+        try:
+            await b.start()
+            await c.start()
+            # b and c connect to each other at the same moment, before either has the other's
+            # record (so neither can know that the other's connection is coming): two connections.
+            results = await asyncio.gather(b._exchange(c.address), c._exchange(b.address))
+            assert results == [True, True]
+            assert await b.join() >= 1 and await c.join() >= 1
+            for n in nodes:
+                await n.announce()
+            assert {r.node_id for r in b.membership.peers()} == {"a", "c"}
+            assert {r.node_id for r in c.membership.peers()} == {"a", "b"}
+            # a sends to b and c over the connections they opened (they joined through it).
+            assert a.connections() == 2
+            assert await a._exchange(b.address) and await a._exchange(c.address)
+            assert a.connections() == 2
+            # The connection opened by the smaller id (b) is kept; c's closes after RETIRE_GRACE_S.
+            deadline = time.monotonic() + SETTLE_S
+            while [n.connections() for n in nodes] != [2, 2, 2] and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert [n.connections() for n in nodes] == [2, 2, 2]
+            for x in nodes:
+                for y in nodes:
+                    if x is not y:
+                        assert await x._exchange(y.address), (x.s.node_id, y.s.node_id)
+            assert [n.connections() for n in nodes] == [2, 2, 2]
+        finally:
+            for n in nodes:
+                await n.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
