@@ -57,12 +57,28 @@ def _check_address(value: str, what: str) -> str:
     return value
 
 
+_UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "[::]")  # "every interface": a place to listen, not to be reached at
+
+
+def _reachable(value: str, what: str, hint: str) -> str:
+    """``value`` (a checked HOST:PORT) if its host can be connected to."""
+    if value.rpartition(":")[0] in _UNSPECIFIED_HOSTS:
+        raise ValueError(
+            f"{what} {value!r} is not an address a node can be reached at (0.0.0.0 and :: mean every "
+            f"interface): {hint}"
+        )
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class NetworkConfig(_Strict):
     listen: str = "127.0.0.1:5000"  # QUIC peer address this node listens on
+    # The address other nodes reach this one at (its peer record, replies); None: listen. Needed when
+    # listen is 0.0.0.0 / :: (every interface), or behind a port forward.
+    advertise: str | None = None
     bootstrap: list[str] = []  # peers to join; empty: this node starts a network
     key_file: Path | None = None  # pre-shared network key; None: open network (logged)
     gossip_interval_s: Annotated[float, Field(ge=0.05, le=60)] = 1.0  # peer-record exchange period
@@ -87,10 +103,44 @@ class NetworkConfig(_Strict):
     def _listen(cls, v: str) -> str:
         return _check_address(v, "listen")
 
+    @field_validator("advertise")
+    @classmethod
+    def _advertise(cls, v: str | None) -> str | None:
+        return (
+            None
+            if v is None
+            else _reachable(
+                _check_address(v, "advertise"), "advertise", "use this machine's LAN or VPN address"
+            )
+        )
+
     @field_validator("bootstrap")
     @classmethod
     def _bootstrap(cls, v: list[str]) -> list[str]:
-        return [_check_address(a, "each bootstrap entry") for a in v]
+        return [
+            _reachable(
+                _check_address(a, "each bootstrap entry"),
+                "bootstrap entry",
+                "use the address that peer advertises",
+            )
+            for a in v
+        ]
+
+    @model_validator(mode="after")
+    def _advertised(self) -> NetworkConfig:
+        if self.advertise is None and self.listen.rpartition(":")[0] in _UNSPECIFIED_HOSTS:
+            port = self.listen.rpartition(":")[2]
+            raise ValueError(
+                f"[network] listen = {self.listen!r} listens on every interface, but the other nodes "
+                f'need one address to reach this node at: set [network] advertise = "HOST:{port}" '
+                "(this machine's LAN or VPN address), or listen on that address"
+            )
+        return self
+
+    @property
+    def address(self) -> str:
+        """The address this node is reached at: ``advertise``, else ``listen``."""
+        return self.advertise or self.listen
 
 
 class ApiConfig(_Strict):

@@ -262,6 +262,7 @@ class NodeSettings:
     node_id: str
     listen: str
     bootstrap: Sequence[str] = ()
+    advertise: str | None = None  # the address peers reach this node at; None: listen's host, bound port
     key: bytes | None = None
     model: str = ""
     model_hash: str = ""
@@ -299,7 +300,7 @@ class Node:
             on_connection=self._on_inbound,
         )
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.address = settings.listen
+        self.address = settings.advertise or settings.listen
         self.span: tuple[int, int] = (0, 0)
         self.ready = False
         self.executor: Any = None  # a layer peer's span executor (run on the compute thread)
@@ -340,11 +341,12 @@ class Node:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> str:
-        """Listen and start gossiping; returns the bound address ``HOST:PORT``."""
+        """Listen and start gossiping; returns the address peers reach this node at (``advertise``,
+        else the bound ``HOST:PORT``)."""
         self.loop = asyncio.get_running_loop()
         host, port = _address(self.s.listen)
         bound = await self.server.start(host, port)
-        self.address = f"{host}:{bound[1]}"
+        self.address = self.s.advertise or f"{host}:{bound[1]}"
         self._spawn(self._gossip_loop())
         self._spawn(self._sweep_loop())
         return self.address

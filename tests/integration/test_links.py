@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import time
 
 from lpipes.node import RETIRE_GRACE_S, Node, NodeSettings
@@ -13,12 +14,13 @@ from lpipes.node import RETIRE_GRACE_S, Node, NodeSettings
 SETTLE_S = RETIRE_GRACE_S + 10.0
 
 
-def _node(node_id: str, key: bytes, bootstrap: list[str]) -> Node:
+def _node(node_id: str, key: bytes, bootstrap: list[str], **settings: str) -> Node:
     return Node(
         NodeSettings(
             node_id=node_id,
-            listen="127.0.0.1:0",
+            listen=settings.pop("listen", "127.0.0.1:0"),
             bootstrap=bootstrap,
+            **settings,
             key=key,
             model="tiny",
             model_hash="0" * 16,
@@ -66,5 +68,33 @@ def test_each_pair_of_nodes_shares_one_connection():
         finally:
             for n in nodes:
                 await n.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_node_listening_on_every_interface_is_reached_at_its_advertised_address():
+    """``listen = "0.0.0.0:PORT"`` with ``advertise``: the record and the replies carry the advertised
+    address, and peers reach the node there."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def scenario() -> None:
+        key = secrets.token_bytes(32)
+        a = _node("a", key, [], listen=f"0.0.0.0:{port}", advertise=f"127.0.0.1:{port}")
+        b = _node("b", key, [f"127.0.0.1:{port}"])
+        try:
+            assert await a.start() == f"127.0.0.1:{port}"
+            await b.start()
+            assert await b.join() == 1
+            await a.announce()
+            (rec,) = b.membership.peers()
+            assert (rec.node_id, rec.address) == ("a", f"127.0.0.1:{port}")
+            assert [r.address for r in a.membership.peers()] == [b.address]
+            assert await a._exchange(b.address) and await b._exchange(a.address)
+            assert a.connections() == b.connections() == 1
+        finally:
+            await b.close()
+            await a.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))

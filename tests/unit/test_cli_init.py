@@ -104,6 +104,9 @@ def test_stdin_not_a_tty_never_prompts_and_uses_defaults(tmp_path):
         (["--layers", "1,2,3"], "layers"),
         (["--api-listen", "nohost"], "api.listen"),
         (["--listen", "h:0"], "network.listen"),
+        (["--listen", "0.0.0.0:5000"], "advertise"),  # every interface: which address do peers use?
+        (["--listen", "0.0.0.0:5000", "--advertise", "[::]:5000"], "network.advertise"),
+        (["--bootstrap", "0.0.0.0:5000"], "network.bootstrap"),
         (["--bootstrap", "a:1,bad"], "network.bootstrap"),
         (["--dtype", "int8"], "--dtype"),
         (["--executor", "fast"], "--executor"),
@@ -228,7 +231,8 @@ def test_wizard_flow_writes_a_valid_file(tmp_path, monkeypatch, capsys):
         True,  # serve the API
         "127.0.0.1:8080",  # api listen
         "k1, k2",  # api keys
-        "0.0.0.0:5005",  # network listen
+        "0.0.0.0:5005",  # network listen: every interface, so ...
+        "10.1.1.2:5005",  # ... the address peers reach this node at
         "10.1.1.1:5000",  # bootstrap
         "",  # key file
     ]
@@ -240,7 +244,7 @@ def test_wizard_flow_writes_a_valid_file(tmp_path, monkeypatch, capsys):
     kinds = [k for k, _, _ in seen]
     assert (
         kinds
-        == ["text", "path", "confirm", "text", "select", "select", "text", "text", "confirm"] + ["text"] * 5
+        == ["text", "path", "confirm", "text", "select", "select", "text", "text", "confirm"] + ["text"] * 6
     )
     # flags given become the defaults of their questions
     assert seen[0][2]["default"] == "from-flag"
@@ -250,7 +254,8 @@ def test_wizard_flow_writes_a_valid_file(tmp_path, monkeypatch, capsys):
     assert seen[3][2]["validate"]("5,2") is not True
     assert seen[6][2]["validate"]("0") is not True
     assert seen[9][2]["validate"]("nohost") is not True
-    assert seen[12][2]["validate"]("a:1,b") is not True
+    assert seen[12][2]["validate"]("0.0.0.0:5005") is not True  # advertise: must be reachable
+    assert seen[13][2]["validate"]("a:1,b") is not True
     cfg = load_config(out)
     assert cfg.node_id == "wiz-node"
     m = cfg.models[0]
@@ -258,6 +263,7 @@ def test_wizard_flow_writes_a_valid_file(tmp_path, monkeypatch, capsys):
     assert (m.dtype, m.executor, m.max_memory_gb, m.kv_cache_gb) == ("float16", "native", 1.5, 0.75)
     assert cfg.api is not None and cfg.api.listen == "127.0.0.1:8080" and cfg.api.api_keys == ["k1", "k2"]
     assert cfg.network.listen == "0.0.0.0:5005" and cfg.network.bootstrap == ["10.1.1.1:5000"]
+    assert cfg.network.advertise == "10.1.1.2:5005" and cfg.network.address == "10.1.1.2:5005"
     assert cfg.network.key_file is None
 
 
@@ -368,6 +374,7 @@ def test_help_documents_every_flag(capsys):
         "--no-api",
         "--api-key",
         "--listen",
+        "--advertise",
         "--bootstrap",
         "--key-file",
         "--force",

@@ -112,6 +112,15 @@ def test_minimal_defaults(tmp_path):
         (FULL.replace("max_batch_tokens = 1024", "max_batch_tokens = 4"), "must be at least max_batch_size"),
         (FULL.replace("prefill_chunk_tokens = 256", "prefill_chunk_tokens = 0"), "prefill_chunk_tokens"),
         (FULL.replace('id = "Qwen/Qwen3-1.7B"\npath = "models/qwen3"', ""), "needs `path`"),
+        (
+            FULL.replace('listen = "127.0.0.1:5000"', 'listen = "0.0.0.0:5000"'),
+            'set [network] advertise = "HOST:5000"',
+        ),
+        (
+            FULL.replace('listen = "127.0.0.1:5000"', 'listen = "[::]:5000"\nadvertise = "0.0.0.0:5000"'),
+            "`network.advertise`: advertise '0.0.0.0:5000' is not an address a node can be reached at",
+        ),
+        (FULL.replace('["127.0.0.1:5001"]', '["0.0.0.0:5001"]'), "`network.bootstrap`: bootstrap entry"),
     ],
 )
 def test_bad_config_names_file_and_key(tmp_path, text, message):
@@ -129,6 +138,23 @@ def test_not_toml_and_missing_file(tmp_path):
         load_config(tmp_path / "absent.toml")
 
 
+def test_listening_on_every_interface_needs_the_advertised_address(tmp_path, tiny_checkpoint):
+    from lpipes.cli.serve import node_settings
+    from lpipes.models.checkpoint import open_checkpoint
+
+    path = tiny_checkpoint("qwen3")
+    cfg = load_config(
+        _write(
+            tmp_path,
+            'node_id = "p"\n[network]\nlisten = "0.0.0.0:5000"\nadvertise = "192.168.1.20:5000"\n'
+            f'[[models]]\npath = "{path}"\n',
+        )
+    )
+    assert cfg.network.address == "192.168.1.20:5000"
+    settings = node_settings(cfg, open_checkpoint(path), "float32", None)
+    assert (settings.listen, settings.advertise) == ("0.0.0.0:5000", "192.168.1.20:5000")
+
+
 def test_network_limits_reach_the_node(tmp_path, tiny_checkpoint):
     """`lpipes serve` builds its node's settings from [network]: limits included."""
     from lpipes.cli.serve import node_settings
@@ -143,6 +169,7 @@ def test_network_limits_reach_the_node(tmp_path, tiny_checkpoint):
         )
     )
     settings = node_settings(cfg, open_checkpoint(path), "float32", b"k" * 16)
+    assert settings.listen == "127.0.0.1:5000" and settings.advertise is None
     assert settings.max_sessions == 3 and settings.session_timeout_s == 30.0
     assert settings.limits.max_frame_bytes == 2 << 20 and settings.key == b"k" * 16
 

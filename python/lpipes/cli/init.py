@@ -71,6 +71,7 @@ class Answers:
     api_listen: str | None = DEFAULT_API_LISTEN  # None: no [api] table
     api_keys: list[str] = field(default_factory=list)
     listen: str = DEFAULT_LISTEN
+    advertise: str | None = None  # None: peers reach this node at listen
     bootstrap: list[str] = field(default_factory=list)
     key_file: str | None = None
 
@@ -154,20 +155,29 @@ parse_max_memory_gb = _gb_parser("max_memory_gb")
 parse_kv_cache_gb = _gb_parser("kv_cache_gb")
 
 
-def _address_parser(cls: type[BaseModel], what: str) -> Callable[[str], str]:
+def _address_parser(
+    cls: type[BaseModel], what: str, key: str = "listen", **others: Any
+) -> Callable[[str], str]:
     def parse(text: str) -> str:
         text = text.strip()
-        msg = _field_error(cls, "listen", text)
+        msg = _field_error(cls, key, text, **others)
         if msg is not None:
-            raise ValueError(msg.replace("listen must", f"{what} must", 1))
+            raise ValueError(msg.replace(f"{key} must", f"{what} must", 1))
         return text
 
     return parse
 
 
-parse_listen = _address_parser(NetworkConfig, "listen")
+# A listen address alone (0.0.0.0 is fine here; the advertise address is asked for then).
+parse_listen = _address_parser(NetworkConfig, "listen", advertise="127.0.0.1:1")
+parse_advertise = _address_parser(NetworkConfig, "advertise", "advertise")
 parse_api_listen = _address_parser(ApiConfig, "listen")
-_parse_peer = _address_parser(NetworkConfig, "each bootstrap entry")
+_parse_peer = _address_parser(NetworkConfig, "each bootstrap entry", advertise="127.0.0.1:1")
+
+
+def listens_everywhere(listen: str) -> bool:
+    """True for a 0.0.0.0 / :: listen address, which needs an advertise address."""
+    return listen.rpartition(":")[0] in ("0.0.0.0", "::", "[::]")
 
 
 def _split_list(items: str | Iterable[str]) -> list[str]:
@@ -229,6 +239,7 @@ _FLAGS: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
     "api_listen": ("--api-listen", "api.listen", parse_api_listen),
     "api_key": ("--api-key", "api.api_keys", parse_api_keys),
     "listen": ("--listen", "network.listen", parse_listen),
+    "advertise": ("--advertise", "network.advertise", parse_advertise),
     "bootstrap": ("--bootstrap", "network.bootstrap", parse_bootstrap),
     "key_file": ("--key-file", "network.key_file", parse_key_file),
 }
@@ -273,6 +284,7 @@ def _answers_from_flags(given: dict[str, Any]) -> Answers:
         answers.api_listen = given["api_listen"]
     answers.api_keys = given.get("api_key", [])
     answers.listen = given.get("listen", DEFAULT_LISTEN)
+    answers.advertise = given.get("advertise")
     answers.bootstrap = given.get("bootstrap", [])
     answers.key_file = given.get("key_file")
     return answers
@@ -426,11 +438,21 @@ def _wizard(given: dict[str, Any]) -> Answers:
     listen = parse_listen(
         _q(
             "text",
-            "Peer network listen address (HOST:PORT, QUIC):",
+            "Peer network listen address (HOST:PORT, QUIC; 0.0.0.0 listens on every interface):",
             default=given.get("listen", DEFAULT_LISTEN),
             validate=_validator(parse_listen),
         )
     )
+    advertise = given.get("advertise")
+    if listens_everywhere(listen) or advertise is not None:
+        advertise = parse_advertise(
+            _q(
+                "text",
+                "Address the other nodes reach this one at (HOST:PORT: this machine's LAN or VPN address):",
+                default=advertise or "",
+                validate=_validator(parse_advertise),
+            )
+        )
     bootstrap = parse_bootstrap(
         _q(
             "text",
@@ -458,6 +480,7 @@ def _wizard(given: dict[str, Any]) -> Answers:
         max_memory_gb=max_memory_gb,
         kv_cache_gb=kv_cache_gb,
         api_listen=api_listen,
+        advertise=advertise,
         api_keys=api_keys,
         listen=listen,
         bootstrap=bootstrap,
@@ -534,6 +557,10 @@ def render(answers: Answers, *, config_dir: Path, config_name: str = DEFAULT_OUT
         "[network]",
         "# QUIC address (HOST:PORT) this node listens on for its peers.",
         f"listen = {v(answers.listen)}",
+    ]
+    if answers.advertise is not None:
+        lines += ["# The address the other nodes reach this one at.", f"advertise = {v(answers.advertise)}"]
+    lines += [
         "# Peers (HOST:PORT) to join; empty: this node starts a new network.",
         f"bootstrap = {v(answers.bootstrap)}",
         "# Pre-shared network key file; absent: an open network anyone can join (logged as such).",
@@ -788,6 +815,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--listen",
         metavar="HOST:PORT",
         help=f"QUIC address to listen on for peers (default {DEFAULT_LISTEN})",
+    )
+    net.add_argument(
+        "--advertise",
+        metavar="HOST:PORT",
+        help="the address other nodes reach this one at (default: the --listen address; required "
+        "with --listen 0.0.0.0:PORT)",
     )
     net.add_argument(
         "--bootstrap",

@@ -269,6 +269,7 @@ def node_settings(cfg: NodeConfig, ckpt: Any, dtype: Any, key: bytes | None) -> 
     return NodeSettings(
         node_id=cfg.node_id,
         listen=net.listen,
+        advertise=net.advertise,
         bootstrap=list(net.bootstrap),
         key=key,
         model=model_name(m),
