@@ -24,6 +24,7 @@ import torch
 
 from lpipes.cli.netstatus import query_network
 from lpipes.config import load_config
+from lpipes.node import Node, NodeSettings
 
 STARTUP_TIMEOUT_S = 120
 
@@ -32,6 +33,22 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def in_process_node(node_id: str, key: bytes | None, *, bootstrap=(), **settings) -> Node:
+    """A node in this process, on 127.0.0.1 with real QUIC, for tests of the network layer itself (no
+    model: records, links, handshakes); ``settings`` override the defaults below."""
+    defaults = {
+        "listen": "127.0.0.1:0",
+        "model": "tiny",
+        "model_hash": "0" * 16,
+        "num_layers": 6,
+        "hidden_size": 8,
+        "gossip_interval_s": 60.0,  # gossip only when a test asks (join, announce)
+    }
+    return Node(
+        NodeSettings(node_id=node_id, bootstrap=tuple(bootstrap), key=key, **{**defaults, **settings})
+    )
 
 
 CONTEXT = 2048  # room for long streams in the failover tests

@@ -9,26 +9,15 @@ import secrets
 import socket
 import time
 
-from lpipes.node import RETIRE_GRACE_S, Node, NodeSettings
+from netharness import free_port, in_process_node
+
+from lpipes.node import RETIRE_GRACE_S, Node
 
 SETTLE_S = RETIRE_GRACE_S + 10.0
 
 
 def _node(node_id: str, key: bytes, bootstrap: list[str], **settings: str) -> Node:
-    return Node(
-        NodeSettings(
-            node_id=node_id,
-            listen=settings.pop("listen", "127.0.0.1:0"),
-            bootstrap=bootstrap,
-            **settings,
-            key=key,
-            model="tiny",
-            model_hash="0" * 16,
-            num_layers=2,
-            hidden_size=8,
-            gossip_interval_s=0.2,
-        )
-    )
+    return in_process_node(node_id, key, bootstrap=bootstrap, num_layers=2, gossip_interval_s=0.2, **settings)
 
 
 def test_each_pair_of_nodes_shares_one_connection():
@@ -75,9 +64,7 @@ def test_each_pair_of_nodes_shares_one_connection():
 def test_a_node_listening_on_every_interface_is_reached_at_its_advertised_address():
     """``listen = "0.0.0.0:PORT"`` with ``advertise``: the record and the replies carry the advertised
     address, and peers reach the node there."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port(socket.SOCK_DGRAM)
 
     async def scenario() -> None:
         key = secrets.token_bytes(32)

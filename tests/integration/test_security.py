@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+from netharness import in_process_node
 
 from lpipes.errors import RouteFailedError
 from lpipes.models.checkpoint import open_checkpoint
@@ -26,7 +27,7 @@ from lpipes.net import _quic
 from lpipes.net.auth import AuthError, new_nonce, proof, transcript
 from lpipes.net.tls import make_certificate
 from lpipes.net.transport import PeerConnection, PeerErrorReply, quic_configuration, read_frame, write_frame
-from lpipes.node import TRACE_ENV, Node, NodeSettings
+from lpipes.node import TRACE_ENV, Node
 from lpipes.runtime.local import make_executor
 from lpipes.runtime.reference import SequenceInput
 from lpipes.swarm.planning import Hop, plan_route
@@ -43,21 +44,7 @@ def run(coro):
 
 
 def _node(node_id: str, key: bytes | None, *, bootstrap: tuple[str, ...] = (), **settings) -> Node:
-    return Node(
-        NodeSettings(
-            node_id=node_id,
-            listen=settings.pop("listen", "127.0.0.1:0"),
-            bootstrap=bootstrap,
-            key=key,
-            model="tiny",
-            model_hash=HASH,
-            num_layers=6,
-            hidden_size=HIDDEN,
-            end_model=settings.pop("end_model", False),
-            gossip_interval_s=60.0,  # gossip only when a test asks (join, announce)
-            **settings,
-        )
-    )
+    return in_process_node(node_id, key, bootstrap=bootstrap, model_hash=HASH, hidden_size=HIDDEN, **settings)
 
 
 @pytest.fixture(scope="module")
