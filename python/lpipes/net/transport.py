@@ -609,12 +609,6 @@ class _FrameSink:
             await write_frame(self.writer, reply, self.server.limits)
 
 
-async def _cancel_task(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
-
-
 def _echo(frame: Frame) -> dict[str, Any]:
     return {k: frame.meta[k] for k in ("session", "step") if k in frame.meta}
 
@@ -695,7 +689,6 @@ class InboundConnection(_StreamsMixin):
         self.peer_node_id = ctx.peer_node_id
         self.peer_fp = ctx.peer_fp
         self.limits, self.timeout_s = limits, timeout_s
-        self.inbound = True
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -712,8 +705,8 @@ class PeerConnection(_StreamsMixin):
         self.peer_fp = b""  # the server's certificate fingerprint, covered by its proof
         self.limits = DEFAULT_LIMITS
         self.timeout_s = DEFAULT_TIMEOUT_S
-        self.inbound = False
         self._authenticated = asyncio.Event()
+        self._waiting: set[asyncio.Task] = set()  # server-opened streams waiting for the handshake
         self._serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter, PeerContext], None] | None = None
 
     @classmethod
@@ -813,7 +806,8 @@ class PeerConnection(_StreamsMixin):
         """A stream the server opened: served once this side's handshake has verified the server
         (the server may open one as soon as it verified this side, a moment earlier)."""
         task = asyncio.ensure_future(self._serve_when_authenticated(reader, writer))
-        self._stack.push_async_callback(_cancel_task, task)
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
 
     async def _serve_when_authenticated(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -829,5 +823,7 @@ class PeerConnection(_StreamsMixin):
         )
 
     async def close(self) -> None:
+        for task in list(self._waiting):
+            task.cancel()
         with contextlib.suppress(Exception):
             await self._stack.aclose()
