@@ -311,6 +311,7 @@ class Node:
         self._version = itertools.count(int(time.time() * 1000))
         self._links: dict[str, _Link] = {}
         self._inbound: dict[str, InboundConnection] = {}  # node id -> the connection it opened to this node
+        self._retiring: set[PeerConnection | InboundConnection] = set()  # closed RETIRE_GRACE_S after a race
         self._link_locks: dict[str, asyncio.Lock] = {}
         self._rtt_ms: dict[str, float] = {}
         self._pending: dict[int, _Pending] = {}
@@ -389,6 +390,9 @@ class Node:
             self._fail(step, RouteFailedError("the node is shutting down"))
         for link in list(self._links.values()):
             await self._drop_link(link)
+        for conn in list(self._retiring):
+            self._retiring.discard(conn)
+            await conn.close()
         await self.server.close()
         self.compute.shutdown(wait=False, cancel_futures=True)
 
@@ -489,13 +493,18 @@ class Node:
         for link in list(self._links.values()):
             if link.conn is not conn and link.conn.peer_node_id == conn.peer_node_id:
                 self._forget_link(link)
-                if self.loop is not None:
-                    self.loop.call_later(RETIRE_GRACE_S, lambda c=link.conn: self._spawn(c.close()))
+                self._retiring.add(link.conn)
+                asyncio.get_running_loop().call_later(RETIRE_GRACE_S, self._retire, link.conn)
+
+    def _retire(self, conn: PeerConnection | InboundConnection) -> None:
+        if conn in self._retiring:
+            self._retiring.discard(conn)
+            self._spawn(conn.close())
 
     def connections(self) -> int:
         """The live QUIC connections this node holds to peers (opened by either end)."""
         live = {id(link.conn.protocol) for link in self._links.values() if not link.conn.closed}
-        live.update(id(c.protocol) for c in self._inbound.values() if not c.closed)
+        live.update(id(c.protocol) for c in [*self._inbound.values(), *self._retiring] if not c.closed)
         return len(live)
 
     async def _open(self, address: str, **options: Any) -> PeerConnection:
