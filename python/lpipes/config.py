@@ -57,12 +57,15 @@ def _check_address(value: str, what: str) -> str:
     return value
 
 
-_UNSPECIFIED_HOSTS = ("0.0.0.0", "::", "[::]")  # "every interface": a place to listen, not to be reached at
+def listens_everywhere(address: str) -> bool:
+    """True for ``0.0.0.0:PORT`` / ``[::]:PORT``: every interface, a place to listen at but not an
+    address to be reached at."""
+    return address.rpartition(":")[0] in ("0.0.0.0", "::", "[::]")
 
 
 def _reachable(value: str, what: str, hint: str) -> str:
     """``value`` (a checked HOST:PORT) if its host can be connected to."""
-    if value.rpartition(":")[0] in _UNSPECIFIED_HOSTS:
+    if listens_everywhere(value):
         raise ValueError(
             f"{what} {value!r} is not an address a node can be reached at (0.0.0.0 and :: mean every "
             f"interface): {hint}"
@@ -128,7 +131,7 @@ class NetworkConfig(_Strict):
 
     @model_validator(mode="after")
     def _advertised(self) -> NetworkConfig:
-        if self.advertise is None and self.listen.rpartition(":")[0] in _UNSPECIFIED_HOSTS:
+        if self.advertise is None and listens_everywhere(self.listen):
             port = self.listen.rpartition(":")[2]
             raise ValueError(
                 f"[network] listen = {self.listen!r} listens on every interface, but the other nodes "

@@ -32,6 +32,7 @@ from lpipes.config import (
     ModelConfig,
     NetworkConfig,
     NodeConfig,
+    listens_everywhere,
     parse_config,
     tomllib,
 )
@@ -173,11 +174,6 @@ parse_listen = _address_parser(NetworkConfig, "listen", advertise="127.0.0.1:1")
 parse_advertise = _address_parser(NetworkConfig, "advertise", "advertise")
 parse_api_listen = _address_parser(ApiConfig, "listen")
 _parse_peer = _address_parser(NetworkConfig, "each bootstrap entry", advertise="127.0.0.1:1")
-
-
-def listens_everywhere(listen: str) -> bool:
-    """True for a 0.0.0.0 / :: listen address, which needs an advertise address."""
-    return listen.rpartition(":")[0] in ("0.0.0.0", "::", "[::]")
 
 
 def _split_list(items: str | Iterable[str]) -> list[str]:

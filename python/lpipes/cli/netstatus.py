@@ -45,12 +45,13 @@ async def _query(host: str, port: int, key: bytes | None, timeout: float) -> dic
 
 def query_network(cfg: NodeConfig, timeout: float = 10.0) -> dict[str, Any]:
     """The network as the node of ``cfg`` sees it (see :func:`network_summary`)."""
+    from lpipes.config import listens_everywhere
     from lpipes.net.auth import load_key
     from lpipes.swarm.records import parse_record
 
     key = load_key(cfg.network.key_file) if cfg.network.key_file is not None else None
     host, _, port = cfg.network.listen.rpartition(":")
-    if host in ("0.0.0.0", "::", "[::]"):
+    if listens_everywhere(cfg.network.listen):  # the node runs here: ask it on loopback
         host = "127.0.0.1"
     meta = asyncio.run(_query(host.strip("[]"), int(port), key, timeout))
     raw = meta.get("records")
