@@ -454,7 +454,9 @@ class Node:
                 return link
             conn: PeerConnection | InboundConnection | None = self._inbound_from(address)
             if conn is None:
-                opened = await self._open(address, limits=self.s.limits, serve=self.server.serve_stream)
+                opened = await self._open(
+                    address, limits=self.s.limits, serve=self.server.serve_stream, identify=self._identify
+                )
                 # Both ends may have connected at once: the connection opened by the smaller node id
                 # is the one both keep (see _on_inbound).
                 theirs = self._inbound.get(opened.peer_node_id)
@@ -656,10 +658,11 @@ class Node:
 
     # ------------------------------------------------------------------ identity
     async def _identify(self, peer_id: str, fp: bytes) -> None:
-        """The transport's identity check of a client that proved it holds the certificate ``fp``
-        (and the network key). A live node's id stays bound to its record's certificate: another
-        certificate is accepted only when the record's address now presents it (the node restarted
-        there). An id without a live record (new, or expired) is free to claim.
+        """The transport's identity check of a peer that proved it holds the certificate ``fp`` (and
+        the network key): a client of this node's server, or the server of a link this node opens
+        (whose frames come with that id too). A live node's id stays bound to its record's
+        certificate: another certificate is accepted only when the record's address now presents it
+        (the node restarted there). An id without a live record (new, or expired) is free to claim.
 
         Raises:
             AuthError: the id belongs to another live peer.

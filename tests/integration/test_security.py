@@ -280,6 +280,11 @@ def test_a_peer_claiming_another_nodes_id_is_refused_and_a_restarted_peer_rejoin
             assert await impostor.join(wait_s=1.0) == 0
             with pytest.raises(AuthError, match="refused this node"):
                 await PeerConnection.open(*_address(origin), node_id="peer-p", key=key)
+            # The same claim from the server side: the origin connects to the impostor's address
+            # (frames could come back over that connection with the server's id) and refuses it.
+            with pytest.raises(AuthError, match="claims the id 'peer-p' of the live peer"):
+                await origin._link(impostor.address)
+            assert impostor.address not in origin._links
             # Forged gossip from a key holder: the live peer's id at the impostor's address, then at
             # its own address with the impostor's certificate (probed, and found false).
             mallory = await PeerConnection.open(*_address(origin), node_id="mallory", key=key)

@@ -722,6 +722,7 @@ class PeerConnection(_StreamsMixin):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter, PeerContext], None] | None = None,
+        identify: Identify | None = None,
     ) -> PeerConnection:
         """Connect and run the handshake; raises :class:`TransportError` or :class:`AuthError`.
 
@@ -729,14 +730,18 @@ class PeerConnection(_StreamsMixin):
         peer binds ``node_id`` to it. A client without a listener (``lpipes status``) leaves it out
         and gets a fresh one. ``serve`` (a node's :meth:`PeerServer.serve_stream`) serves the
         streams the peer opens on this connection once the handshake authenticated it; without it
-        they are left unread.
+        they are left unread. ``identify`` checks the server's node id and certificate as a
+        :class:`PeerServer` checks its clients' (the server's frames then come with that id); it
+        raises :class:`AuthError` to refuse them.
         """
         self = cls()
         self.limits, self.timeout_s = limits, timeout_s
         self._serve = serve
         cert = cert or make_certificate(node_id)
         try:
-            await asyncio.wait_for(self._connect(host, port, node_id, key, cert), handshake_timeout_s)
+            await asyncio.wait_for(
+                self._connect(host, port, node_id, key, cert, identify), handshake_timeout_s
+            )
         except TimeoutError:
             await self.close()
             raise TransportError(
@@ -759,7 +764,13 @@ class PeerConnection(_StreamsMixin):
         return self
 
     async def _connect(
-        self, host: str, port: int, node_id: str, key: bytes | None, cert: NodeCertificate
+        self,
+        host: str,
+        port: int,
+        node_id: str,
+        key: bytes | None,
+        cert: NodeCertificate,
+        identify: Identify | None = None,
     ) -> None:
         """The client's side of the handshake (``lpipes.net.auth``): the server's proof is checked
         before anything of this node's proof or identity leaves."""
@@ -783,6 +794,10 @@ class PeerConnection(_StreamsMixin):
             fp_s = _quic.peer_fingerprint(self.protocol)
             t = transcript(nonce_c, nonce_s, node_id, peer_id, fp_s)
             check_proof(key, welcome.meta.get("proof"), "server", t)
+            if identify is not None:
+                if peer_id == node_id:
+                    raise AuthError(f"the peer claims this node's own id {peer_id!r}", "identity")
+                await identify(peer_id, fp_s)
             cert_hex, sig = sign_identity(cert, t)
             final = Frame(
                 MessageType.HELLO,
