@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -694,7 +695,16 @@ class Node:
                 return cached[1]
             who: tuple[str, bytes] | None = None
             try:
-                conn = await self._open(address, handshake_timeout_s=PROBE_TIMEOUT_S)
+                # Under a throwaway id: the answering node takes a connection under this node's id
+                # for this node's link to it (and would give up the one this node's link uses).
+                host, port = _address(address)
+                conn = await PeerConnection.open(
+                    host,
+                    port,
+                    node_id=f"probe-{secrets.token_hex(4)}",
+                    key=self.s.key,
+                    handshake_timeout_s=PROBE_TIMEOUT_S,
+                )
             except (TransportError, LpipesError, OSError) as exc:
                 log.info("probe of %s: %s", address, exc)
             else:

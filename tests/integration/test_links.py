@@ -85,3 +85,31 @@ def test_a_node_listening_on_every_interface_is_reached_at_its_advertised_addres
             await a.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_probe_does_not_take_the_place_of_the_pairs_connection():
+    """A node probing a peer's address (``_whois``, when a record rebinds a live id) connects under a
+    throwaway id: the peer keeps the pair's connection and its link over it."""
+
+    async def scenario() -> None:
+        key = secrets.token_bytes(32)
+        a = _node("a", key, [])
+        await a.start()
+        b = _node("b", key, [a.address])
+        try:
+            await b.start()
+            assert await b.join() == 1 and await a._exchange(b.address)  # b's connection, both ways
+            links = (a._links[b.address], b._links[a.address])
+            assert (a.connections(), b.connections()) == (1, 1)
+            # a has the smaller id: a connection from it is one b would move its link to.
+            assert await a._whois(b.address, ("b", b"x")) == ("b", b.server.cert.fingerprint)
+            await asyncio.sleep(RETIRE_GRACE_S + 1.0)
+            assert (a._links.get(b.address), b._links.get(a.address)) == links
+            assert not any(link.conn.closed for link in links)
+            assert await a._exchange(b.address) and await b._exchange(a.address)
+            assert (a.connections(), b.connections()) == (1, 1)
+        finally:
+            await b.close()
+            await a.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
