@@ -218,11 +218,16 @@ async def _serve_networked(
         await node.close()
 
 
+def _same_model_peers(node: Any) -> list[Any]:
+    """The records of the known peers that serve this node's model."""
+    return [p for p in node.membership.peers() if p.model_hash == node.s.model_hash]
+
+
 def _auto_span(node: Any, ckpt: Any, dtype: Any, m: ModelConfig) -> tuple[int, int]:
     """The ``auto`` span for the network this node knows now (see ``choose_span``)."""
     from lpipes.swarm.planning import choose_span
 
-    same = [p for p in node.membership.peers() if p.model_hash == node.s.model_hash]
+    same = _same_model_peers(node)
     spans = [p.span for p in same if not p.end_model]
     origin_ends = [p.end for p in same if p.end_model]
     budget = m.max_memory_gb * GiB
@@ -241,8 +246,7 @@ async def _settle_auto_span(node: Any, ckpt: Any, dtype: Any, m: ModelConfig) ->
     for _ in range(AUTO_SETTLE_ROUNDS):
         await asyncio.sleep(max(AUTO_SETTLE_MIN_S, node.s.gossip_interval_s))
         await node.announce()  # an exchange with every known peer: their claims, fresh
-        same = [p for p in node.membership.peers() if p.model_hash == node.s.model_hash]
-        rival = rival_claim(node.s.node_id, span, same)
+        rival = rival_claim(node.s.node_id, span, _same_model_peers(node))
         if rival is None:
             continue  # the next round may still bring a claim from a peer that joined a bit later
         new = _auto_span(node, ckpt, dtype, m)
