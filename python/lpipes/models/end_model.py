@@ -18,6 +18,7 @@ from torch import nn
 from lpipes.errors import CheckpointError
 from lpipes.models.checkpoint import Checkpoint
 from lpipes.models.modules import parse_dtype
+from lpipes.runtime.weights import WeightArena
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,15 @@ class EndModel:
             if self.dtype != torch.float16:
                 raise ValueError(f"native_head needs float16 weights, not {self.dtype}")
             norm_w = self.norm.weight.float().contiguous()
-            self._native_head = (norm_w, eps, self.arch.norm_offset, self.lm_head.weight.contiguous())
+            # On huge pages, like the native spans' weights (lpipes.runtime.weights); a tied
+            # embedding reads its rows from the same copy.
+            head = self.lm_head.weight
+            arena = WeightArena(WeightArena.nbytes_for([(head.shape, torch.float16)]))
+            fast = arena.copy(head, torch.float16)
+            if head.data_ptr() == self.embed_tokens.weight.data_ptr():
+                self.embed_tokens.weight = nn.Parameter(fast, requires_grad=False)
+            self.lm_head.weight = nn.Parameter(fast, requires_grad=False)
+            self._native_head = (norm_w, eps, self.arch.norm_offset, fast)
 
         self.ple_size = 0
         if "embed_tokens_per_layer" in names:

@@ -26,6 +26,7 @@ from lpipes.models.checkpoint import Checkpoint
 from lpipes.models.modules import load_decoder_layers, parse_dtype
 from lpipes.runtime.paged import DEFAULT_KV_CACHE_BYTES, PagedKVCache
 from lpipes.runtime.reference import SequenceInput, check_inputs
+from lpipes.runtime.weights import WeightArena
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,18 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().float().contiguous()
 
 
-def _f16(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float16).contiguous()
+def _matrices(layer: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
+    """The layer's weight matrices as the native span wants them: name -> parts to stack by rows."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if hasattr(attn, "qkv_proj"):
+        qkv = [attn.qkv_proj.weight]
+    else:
+        qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    if hasattr(mlp, "gate_up_proj"):
+        gate_up = [mlp.gate_up_proj.weight]
+    else:
+        gate_up = [mlp.gate_proj.weight, mlp.up_proj.weight]
+    return {"qkv": qkv, "o": [attn.o_proj.weight], "gate_up": gate_up, "down": [mlp.down_proj.weight]}
 
 
 class NativeExecutor:
@@ -115,31 +126,31 @@ class NativeExecutor:
         self._rope_cache: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         self._rope_rows = 0  # positions [0, _rope_rows) are in _rope_cache
 
+        # The fp16 matrices go into one arena on huge pages (lpipes.runtime.weights), fused where
+        # the kernels want them fused (q|k|v, gate|up).
+        matrices = [_matrices(layer) for layer in layers]
+        arena = WeightArena(
+            WeightArena.nbytes_for(
+                ((sum(p.shape[0] for p in parts), *parts[0].shape[1:]), torch.float16)
+                for m in matrices
+                for parts in m.values()
+            )
+        )
         weights = []
         intermediate = None
-        for j, layer in enumerate(layers):
+        for j, (layer, m) in enumerate(zip(layers, matrices, strict=True)):
             i = start + j
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             if hasattr(attn, "qkv_proj"):
-                qkv, bias = attn.qkv_proj.weight, attn.qkv_proj.bias
+                bias = attn.qkv_proj.bias
+            elif attn.q_proj.bias is not None:
+                bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
             else:
-                qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-                bias = (
-                    torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-                    if attn.q_proj.bias is not None
-                    else None
-                )
-            if hasattr(mlp, "gate_up_proj"):
-                gate_up = mlp.gate_up_proj.weight
-            else:
-                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
-            intermediate = gate_up.shape[0] // 2
-            w = {
-                "qkv": _f16(qkv),
+                bias = None
+            w = {name: arena.cat(parts, torch.float16) for name, parts in m.items()}
+            intermediate = w["gate_up"].shape[0] // 2
+            w |= {
                 "qkv_bias": _f32(bias),
-                "o": _f16(attn.o_proj.weight),
-                "gate_up": _f16(gate_up),
-                "down": _f16(mlp.down_proj.weight),
                 "input_norm": _f32(layer.input_layernorm.weight),
                 "post_attn_norm": _f32(layer.post_attention_layernorm.weight),
                 "q_norm": _f32(attn.q_norm.weight) if hasattr(attn, "q_norm") else None,
@@ -152,7 +163,7 @@ class NativeExecutor:
                 w["pre_ff_norm"] = _f32(layer.pre_feedforward_layernorm.weight)
                 w["post_ff_norm"] = _f32(layer.post_feedforward_layernorm.weight)
             weights.append(w)
-        del layers  # the HF modules; the span keeps only the fused tensors above
+        del layers, matrices  # the HF modules; the span keeps only the tensors above
         act = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
         native_cfg = {
             "hidden": self.hidden_size,
