@@ -103,13 +103,15 @@ static inline void gemv_tile(const float* x, int64_t K, const f16_t* w, const fl
 // outer-product GEMM this replaced summed in another order and changed greedy tokens at near-ties
 // once batched).
 //
-// The first pass over a block prefetches the next block into L2, a line of it per line of W read, so
-// W arrives from DRAM while the block in L2 is computed on. Without it the hardware prefetcher, which
-// follows the W rows being read, falls behind whenever a W line takes longer to consume than to fetch
-// (more than one x row), and every pass waited on DRAM: on Zen 4, one thread, the 0.6B model's layer
-// matrices from DRAM (bench/kernels.py) went at 8 rows from 4.1-4.4 to 3.1-3.7 ms per layer (55 -> 75
-// GFLOP/s), at 4 rows from 3.1-3.3 to 1.8-2.2 ms, at 2 rows from 2.1 to 1.5 ms (the L2-resident rate
-// is ~100 GFLOP/s at 4+ rows).
+// The passes over a block prefetch the next block into L2, each pass the rows of every passes-th tile
+// (a line per line of W read in those tiles), so W arrives from DRAM while the block in L2 is computed
+// on, spread evenly over the block's compute (at first the first pass prefetched it all; spreading it
+// measured 2-5 % faster at 8 and 16 rows on 1 and 2 Zen 4 cores). Without any prefetch the hardware
+// prefetcher, which follows the W rows being read, falls behind whenever a W line takes longer to
+// consume than to fetch (more than one x row), and every pass waited on DRAM: on Zen 4, one thread,
+// the 0.6B model's layer matrices from DRAM (bench/kernels.py) went at 8 rows from 4.1-4.4 to 3.1-3.7
+// ms per layer (55 -> 75 GFLOP/s), at 4 rows from 3.1-3.3 to 1.8-2.2 ms, at 2 rows from 2.1 to 1.5 ms
+// (the L2-resident rate is ~100 GFLOP/s at 4+ rows).
 //
 // One x row (the decode GEMV) is memory-bound and reads its W rows strictly in memory order, one
 // stream, which the hardware prefetcher follows best: on Zen 4 this beat interleaved row streams,
@@ -121,12 +123,16 @@ constexpr int kTileWRows = 3;
 constexpr int64_t kBlockWBytes = int64_t{192} << 10;
 
 // y[0:MB, n0:n1] for MB x rows (x, y at the first row), W rows kTileWRows at a time. pf_ahead > 0:
-// prefetch W rows that many rows ahead, up to row pf_end.
+// the tiles whose index is pf_phase modulo pf_period prefetch the W rows pf_ahead rows ahead of
+// theirs, up to row pf_end.
 template <int MB>
 static void tile_rows(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                      bool accumulate, int64_t n0, int64_t n1, int64_t pf_ahead, int64_t pf_end) {
+                      bool accumulate, int64_t n0, int64_t n1, int64_t pf_ahead, int64_t pf_end, int64_t pf_phase,
+                      int64_t pf_period) {
+  int64_t i = 0;
   auto prefetch = [&](int64_t n, int64_t rows, int64_t* count) -> const f16_t* {
-    *count = pf_ahead > 0 ? std::clamp<int64_t>(pf_end - (n + pf_ahead), 0, rows) : 0;
+    const bool mine = pf_ahead > 0 && i++ % pf_period == pf_phase;
+    *count = mine ? std::clamp<int64_t>(pf_end - (n + pf_ahead), 0, rows) : 0;
     return *count > 0 ? W + (n + pf_ahead) * K : nullptr;
   };
   int64_t n = n0, count = 0;
@@ -141,12 +147,13 @@ static void tile_rows(const float* x, int64_t K, const f16_t* W, const float* bi
 }
 
 static void tile(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                 bool accumulate, int64_t rows, int64_t n0, int64_t n1, int64_t pf_ahead, int64_t pf_end) {
+                 bool accumulate, int64_t rows, int64_t n0, int64_t n1, int64_t pf_ahead, int64_t pf_end,
+                 int64_t pf_phase, int64_t pf_period) {
   switch (rows) {
-    case 1: tile_rows<1>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
-    case 2: tile_rows<2>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
-    case 3: tile_rows<3>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
-    default: tile_rows<4>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end); break;
+    case 1: tile_rows<1>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end, pf_phase, pf_period); break;
+    case 2: tile_rows<2>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end, pf_phase, pf_period); break;
+    case 3: tile_rows<3>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end, pf_phase, pf_period); break;
+    default: tile_rows<4>(x, K, W, bias, y, ldy, accumulate, n0, n1, pf_ahead, pf_end, pf_phase, pf_period); break;
   }
 }
 
@@ -162,12 +169,13 @@ void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, f
     return;
   }
   const int64_t block = std::max<int64_t>(1, kBlockWBytes / (2 * K));
+  const int64_t passes = (m1 - m0 + kTileRows - 1) / kTileRows;
   for (int64_t b0 = n0; b0 < n1; b0 += block) {
     const int64_t b1 = std::min(n1, b0 + block);
     const int64_t pf_end = std::min(n1, b1 + block);  // the next block (this thread's rows only)
-    for (int64_t m = m0; m < m1; m += kTileRows) {
+    for (int64_t m = m0, p = 0; m < m1; m += kTileRows, ++p) {
       const int64_t rows = std::min(kTileRows, m1 - m);
-      tile(x + m * K, K, W, bias, y + m * ldy, ldy, accumulate, rows, b0, b1, m == m0 ? block : 0, pf_end);
+      tile(x + m * K, K, W, bias, y + m * ldy, ldy, accumulate, rows, b0, b1, block, pf_end, p, passes);
     }
   }
 }
