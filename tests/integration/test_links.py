@@ -40,11 +40,10 @@ def test_each_pair_of_nodes_shares_one_connection():
                 await n.announce()
             assert {r.node_id for r in b.membership.peers()} == {"a", "c"}
             assert {r.node_id for r in c.membership.peers()} == {"a", "b"}
-            # a sends to b and c over the connections they opened (they joined through it).
-            assert a.connections() == 2
-            assert await a._exchange(b.address) and await a._exchange(c.address)
-            assert a.connections() == 2
-            # The connection opened by the smaller id (b) is kept; c's closes after RETIRE_GRACE_S.
+            # Every pair settles on one connection. b and c connected both ways: the one opened by the
+            # smaller id (b) is kept and c's closes after RETIRE_GRACE_S. a may hold two to c for a
+            # while too: it heard of c from b (second-hand), and its gossip loop can reach c before
+            # c joins through a; then the connection c opened to a is the one that closes.
             deadline = time.monotonic() + SETTLE_S
             while [n.connections() for n in nodes] != [2, 2, 2] and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
