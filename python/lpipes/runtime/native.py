@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -114,9 +115,8 @@ class NativeExecutor:
         self.context_length = ckpt.context_length
         self.ple_size = 0
         gemma = ckpt.model_type == "gemma3_text"
-        layers = load_decoder_layers(ckpt, start, end, dtype=torch.float16, config=cfg)
-        first = layers[0].self_attn
-        head_dim = int(first.head_dim)
+        layers: list[Any] = list(load_decoder_layers(ckpt, start, end, dtype=torch.float16, config=cfg))
+        head_dim = int(layers[0].self_attn.head_dim)
         num_heads = int(cfg.num_attention_heads)
         num_kv_heads = int(cfg.num_key_value_heads)
         types = layer_types(cfg)
@@ -138,8 +138,12 @@ class NativeExecutor:
         )
         weights = []
         intermediate = None
-        for j, (layer, m) in enumerate(zip(layers, matrices, strict=True)):
+        for j in range(len(layers)):
             i = start + j
+            layer, m = layers[j], matrices[j]
+            # Drop the HF layer once its tensors are copied: at most one layer's worth beyond the
+            # arena is held while loading.
+            layers[j] = matrices[j] = None
             attn = layer.self_attn
             if hasattr(attn, "qkv_proj"):
                 bias = attn.qkv_proj.bias
@@ -163,7 +167,7 @@ class NativeExecutor:
                 w["pre_ff_norm"] = _f32(layer.pre_feedforward_layernorm.weight)
                 w["post_ff_norm"] = _f32(layer.post_feedforward_layernorm.weight)
             weights.append(w)
-        del layers, matrices  # the HF modules; the span keeps only the tensors above
+        del layers, matrices, layer, m  # the span keeps only the tensors above
         act = getattr(cfg, "hidden_act", None) or getattr(cfg, "hidden_activation", None)
         native_cfg = {
             "hidden": self.hidden_size,
