@@ -8,6 +8,9 @@ over 127.0.0.1, and measures for every (implementation, configuration):
 * ``rtt``: decode-step round trip on one long-lived bidirectional stream: a 4-byte length prefix,
   a 64-byte header and a 2 KiB body (one token's hidden state, hidden 1024, fp16), echoed back at
   the same size; median and p99 in microseconds after a warm-up;
+* ``rtt_idle``: the same round trip after ``--idle-ms`` (default 3) of sleep before each message, as a
+  pipeline's peers sleep between decode steps: both ends wake cold (idle CPUs, caches other work has
+  used), which a back-to-back loop never shows;
 * ``rtt_stream_per_msg`` (QUIC only): the same round trip on a new stream per message (client FIN
   after the request, server FIN after the reply);
 * ``bulk`` (upload): prefill-sized frames (4 MiB = 2048 tokens x 1024 hidden x fp16) sent by the
@@ -357,10 +360,13 @@ def stop_server(proc: subprocess.Popen) -> None:
 # TCP baseline); their callers bound the whole phase instead.
 
 
-async def _rtt_loop(trip, n: int, warmup: int) -> dict:
-    """Times ``await trip(i)`` (one echo round trip returning the reply payload) warmup + n times."""
+async def _rtt_loop(trip, n: int, warmup: int, idle_s: float = 0.0) -> dict:
+    """Times ``await trip(i)`` (one echo round trip returning the reply payload) warmup + n times;
+    idle_s: the process sleeps this long before each trip (blocking the loop: nothing runs)."""
     times = []
     for i in range(warmup + n):
+        if idle_s:
+            time.sleep(idle_s)
         t0 = time.perf_counter_ns()
         payload = await trip(i)
         dt = time.perf_counter_ns() - t0
@@ -371,7 +377,7 @@ async def _rtt_loop(trip, n: int, warmup: int) -> dict:
     return {"n": n, "median_us": statistics.median(times), "p99_us": percentile(times, 0.99)}
 
 
-async def measure_rtt(reader, writer, n: int, warmup: int, write_drain=None) -> dict:
+async def measure_rtt(reader, writer, n: int, warmup: int, write_drain=None, idle_s: float = 0.0) -> dict:
     """write_drain: awaited after each write (the product drains after every frame)."""
     body = os.urandom(RTT_BODY)
 
@@ -381,7 +387,7 @@ async def measure_rtt(reader, writer, n: int, warmup: int, write_drain=None) -> 
             await write_drain(writer)
         return await read_frame(reader)
 
-    return await _rtt_loop(trip, n, warmup)
+    return await _rtt_loop(trip, n, warmup, idle_s)
 
 
 async def measure_rtt_stream_per_msg(protocol, n: int, warmup: int, write_drain=None) -> dict:
@@ -452,6 +458,10 @@ async def quic_client(impl: str, cfg: Config, port: int, server_pid: int, args) 
         out["rtt"] = await asyncio.wait_for(
             measure_rtt(reader, writer, args.rtt_n, args.rtt_warmup, write_drain), args.phase_timeout
         )
+        out["rtt_idle"] = await asyncio.wait_for(
+            measure_rtt(reader, writer, args.idle_n, args.rtt_warmup, write_drain, args.idle_ms / 1e3),
+            args.phase_timeout,
+        )
         out["rtt_stream_per_msg"] = await asyncio.wait_for(
             measure_rtt_stream_per_msg(protocol, args.stream_n, args.stream_warmup, write_drain),
             args.phase_timeout,
@@ -475,6 +485,10 @@ async def tcp_client(port: int, server_pid: int, args) -> dict:
         out["tcp_nodelay"] = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         out["rtt"] = await asyncio.wait_for(
             measure_rtt(reader, writer, args.rtt_n, args.rtt_warmup), args.phase_timeout
+        )
+        out["rtt_idle"] = await asyncio.wait_for(
+            measure_rtt(reader, writer, args.idle_n, args.rtt_warmup, idle_s=args.idle_ms / 1e3),
+            args.phase_timeout,
         )
         out["bulk"] = await measure_bulk(reader, writer, server_pid, args, upload=True)
         out["bulk_down"] = await measure_bulk(reader, writer, server_pid, args, upload=False)
@@ -571,6 +585,7 @@ def tcp_baseline(results: list[dict]) -> dict | None:
         return None
     return {
         "rtt_median_us": min(r["rtt"]["median_us"] for r in runs),
+        "rtt_idle_median_us": min(r["rtt_idle"]["median_us"] for r in runs),
         "upload_mib_s": max(r["bulk"]["mib_s"] for r in runs),
         "download_mib_s": max(r["bulk_down"]["mib_s"] for r in runs),
     }
@@ -578,13 +593,16 @@ def tcp_baseline(results: list[dict]) -> dict | None:
 
 def print_table(results: list[dict], base: dict | None) -> None:
     t_rtt = base["rtt_median_us"] if base else None
+    t_idle = base["rtt_idle_median_us"] if base else None
     t_up = base["upload_mib_s"] if base else None
     t_down = base["download_mib_s"] if base else None
     cols = (
-        f"{'impl/config':<20} {'rtt med':>7} {'p99':>6} {'xTCP':>6} | {'strm/msg':>8} {'p99':>6} {'xTCP':>6}"
+        f"{'impl/config':<20} {'rtt med':>7} {'p99':>6} {'xTCP':>6} | {'idle med':>8} {'xTCP':>6}"
+        f" | {'strm/msg':>8} {'p99':>6} {'xTCP':>6}"
         f" | {'up MiB/s':>8} {'xTCP':>6} | {'dn MiB/s':>8} {'xTCP':>6} | {'cpu s/GiB':>9} {'drops':>5}"
     )
-    print("RTT columns in microseconds; 'strm/msg' = new QUIC stream per message; cpu = client+server")
+    print("RTT columns in microseconds; 'idle' = after a sleep before each message (--idle-ms);")
+    print("'strm/msg' = new QUIC stream per message; cpu = client+server")
     print("CPU seconds per GiB uploaded; drops = UDP datagrams dropped on full receive buffers (up+down)")
     print("xTCP: against the best of the TCP runs for that metric (TCP runs first and last)")
     print(cols)
@@ -603,6 +621,10 @@ def print_table(results: list[dict], base: dict | None) -> None:
             if spm
             else f"{'-':>8} {'-':>6} {'-':>6}"
         )
+        idle = r.get("rtt_idle")
+        idle_cols = f"{'-':>8} {'-':>6}"
+        if idle:
+            idle_cols = f"{idle['median_us']:>8.0f} {ratio(idle['median_us'], t_idle):>6}"
         cpu = up["client_cpu_s_per_gib"] + (up["server_cpu_s_per_gib"] or 0.0)
         drops = "-"
         if (
@@ -613,7 +635,7 @@ def print_table(results: list[dict], base: dict | None) -> None:
             drops = up["udp_rcvbuf_errors"] + down["udp_rcvbuf_errors"]
         print(
             f"{label:<20} {rtt['median_us']:>7.0f} {rtt['p99_us']:>6.0f} {ratio(rtt['median_us'], t_rtt):>6}"
-            f" | {spm_cols} | {up['mib_s']:>8.0f} {ratio(up['mib_s'], t_up):>6}"
+            f" | {idle_cols} | {spm_cols} | {up['mib_s']:>8.0f} {ratio(up['mib_s'], t_up):>6}"
             f" | {down['mib_s']:>8.0f} {ratio(down['mib_s'], t_down):>6} | {cpu:>9.2f} {drops!s:>5}"
         )
     if base:
@@ -623,6 +645,7 @@ def print_table(results: list[dict], base: dict | None) -> None:
                 continue
             print(
                 f"{r['impl']}/{r['config']}: RTT = {r['rtt']['median_us'] / t_rtt:.1f}x TCP, "
+                f"idle RTT = {r['rtt_idle']['median_us'] / t_idle:.1f}x TCP, "
                 f"stream-per-message RTT = {r['rtt_stream_per_msg']['median_us'] / t_rtt:.1f}x TCP, "
                 f"upload = {ratio(r['bulk']['mib_s'], t_up)} TCP, "
                 f"download = {ratio(r['bulk_down']['mib_s'], t_down)} TCP"
@@ -635,6 +658,7 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS), help="QUIC configurations to run")
     ap.add_argument("--quick", action="store_true", help="fewer iterations (smoke test)")
     ap.add_argument("--json", type=Path, default=None, help="default: bench/results/transport-<date>.json")
+    ap.add_argument("--idle-ms", type=float, default=3.0, help="sleep before each rtt_idle round trip")
     ap.add_argument("--window", type=int, default=4, help="bulk frames in flight")
     ap.add_argument("--op-timeout", type=float, default=30.0, help="seconds to wait for any one bulk reply")
     ap.add_argument("--phase-timeout", type=float, default=60.0, help="seconds per round-trip phase")
@@ -653,9 +677,11 @@ def main() -> None:
 
     if args.quick:
         args.rtt_n, args.rtt_warmup, args.stream_n, args.stream_warmup = 300, 50, 200, 20
+        args.idle_n = 200
         args.bulk_frames, args.bulk_warmup, args.bulk_seconds = 8, 1, 5.0
     else:
         args.rtt_n, args.rtt_warmup, args.stream_n, args.stream_warmup = 2000, 200, 1000, 50
+        args.idle_n = 1000
         args.bulk_frames, args.bulk_warmup, args.bulk_seconds = 64, 2, 10.0
     impls = [i.strip() for i in args.impl.split(",") if i.strip()]
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -708,6 +734,8 @@ def main() -> None:
             "header_bytes": HEADER.size,
             "rtt_n": args.rtt_n,
             "rtt_warmup": args.rtt_warmup,
+            "rtt_idle_n": args.idle_n,
+            "rtt_idle_sleep_ms": args.idle_ms,
             "stream_per_msg_n": args.stream_n,
             "bulk_frame_bytes": BULK_BODY,
             "bulk_frames_max": args.bulk_frames,

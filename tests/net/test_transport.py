@@ -110,6 +110,36 @@ def test_frames_round_trip_over_quic(fast):
     run(main())
 
 
+def test_packets_leave_through_the_lean_transmit_on_both_ends(monkeypatch):
+    """``QuicProtocol.transmit`` polls qh3's native core itself (private qh3 API, pinned to 2.x); if a
+    qh3 release moved what it relies on, the fallback to qh3's own (slower) path would be silent: this
+    fails instead. Prefill-size frames both ways exercise back-pressure, ACK-driven sends and timers."""
+    from qh3.quic.connection import QuicConnection
+
+    used: list[bool] = []
+    original = QuicConnection.datagrams_to_send
+
+    def spy(self, now):
+        used.append(self._core is not None)
+        return original(self, now)
+
+    monkeypatch.setattr(QuicConnection, "datagrams_to_send", spy)
+
+    async def main():
+        server, echo, port = await _server()
+        try:
+            conn = await PeerConnection.open("127.0.0.1", port, node_id="origin", key=KEY)
+            big = torch.randn(4096, 1024).half()  # 8 MiB each way
+            reply = await conn.request(Frame(MessageType.FORWARD, {"session": "s"}, {"hidden": big}))
+            assert torch.equal(reply.tensors["hidden"], big * 2)
+            await conn.close()
+        finally:
+            await server.close()
+
+    run(main())
+    assert not any(used), f"qh3's datagrams_to_send ran {sum(used)} times on a started connection"
+
+
 @pytest.mark.parametrize(("server_key", "client_key"), [(KEY, b"w" * 32), (KEY, None), (None, KEY)])
 def test_wrong_or_missing_key_is_refused_before_any_frame(server_key, client_key):
     async def main():

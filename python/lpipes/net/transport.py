@@ -11,7 +11,7 @@ every write waits until the stream has at most ``_quic.DRAIN_BOUND_BYTES`` unsen
 slow link or peer slows the writer instead of growing its queue.
 
 The QUIC library is qh3 (see ``_quic`` for why and for the tuning): in bench/transport.py on loopback a
-230-280 µs decode-step round trip and 130-270 MiB/s on 4 MiB frames, against ~820 µs and 5-15 MiB/s with
+230-280 µs decode-step round trip and 230-265 MiB/s on 4 MiB frames, against ~820 µs and 5-15 MiB/s with
 aioquic.
 """
 
