@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -189,11 +190,26 @@ def _run_server(
     except ImportError:  # pragma: no cover - platforms without uvloop
         loop = "asyncio"
     config = server_config(app, host, port, http_limits or HttpLimits(), loop=loop)
+    freeze_startup_objects()
     try:
         uvicorn.Server(config).run()
     finally:
         engine.close()
     return 0
+
+
+def freeze_startup_objects() -> None:
+    """Collect once, then put every object alive now (modules, the model's Python objects) out of the
+    garbage collector's sight (``gc.freeze``), just before a node starts serving.
+
+    A full collection scans every tracked object: in a node with a Qwen3-0.6B-shaped model loaded
+    (~400k objects) one took 230-270 ms, holding the GIL, so every request's stream stalls. Python runs
+    one whenever the objects promoted since the last exceed a quarter of the long-lived ones, which a
+    long-running server reaches sooner or later. Frozen, they are skipped (a full collection then takes
+    well under a millisecond); objects made later are collected as before. The collection first keeps
+    startup's garbage from being frozen with them."""
+    gc.collect()
+    gc.freeze()
 
 
 def _executor_names(generator: Any) -> list[str]:

@@ -206,10 +206,14 @@ async def _serve_networked(
             file=sys.stderr,
             flush=True,
         )
+        from lpipes.cli.main import freeze_startup_objects
+
         if not m.end_model:
+            freeze_startup_objects()
             await _wait_for_signal()
             return 0
         engine, server = _origin_server(cfg, ckpt, dtype, stages, node, span)
+        freeze_startup_objects()
         await server.serve()
         return 0
     finally:
