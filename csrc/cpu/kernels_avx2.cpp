@@ -88,12 +88,12 @@ static void gemv(const float* x, int64_t K, const f16_t* W, const float* bias, f
 // from L2 for every W row; 16 ymm registers leave no room for 2 W rows per tile).
 // ---------------------------------------------------------------------------------------------------
 constexpr int64_t kTileRows = 4;
-constexpr int64_t kBlockWBytes = int64_t{192} << 10;
+constexpr int64_t kBlockWBytes = kLinearBlockWBytes;
 
 }  // namespace
 
 void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                 bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                 bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t pf_limit) {
   if (m1 - m0 == 1) {  // the decode GEMV: W streamed strictly in memory order
     gemv(x + m0 * K, K, W, bias, y + m0 * ldy, ldy, accumulate, 1, n0, n1, 0, 0);
     return;
@@ -101,7 +101,7 @@ void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, f
   const int64_t block = std::max<int64_t>(1, kBlockWBytes / (2 * K));
   for (int64_t b0 = n0; b0 < n1; b0 += block) {
     const int64_t b1 = std::min(n1, b0 + block);
-    const int64_t pf_end = std::min(n1, b1 + block);  // the next block (this thread's rows only)
+    const int64_t pf_end = std::min(pf_limit, b1 + block);  // the next block (this thread's rows only)
     for (int64_t m = m0; m < m1; m += kTileRows) {
       const int64_t rows = std::min(kTileRows, m1 - m);
       gemv(x + m * K, K, W, bias, y + m * ldy, ldy, accumulate, rows, b0, b1, m == m0 ? block : 0, pf_end);

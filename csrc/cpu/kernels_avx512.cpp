@@ -120,7 +120,7 @@ static inline void gemv_tile(const float* x, int64_t K, const f16_t* w, const fl
 // ---------------------------------------------------------------------------------------------------
 constexpr int64_t kTileRows = 4;
 constexpr int kTileWRows = 3;
-constexpr int64_t kBlockWBytes = int64_t{192} << 10;
+constexpr int64_t kBlockWBytes = kLinearBlockWBytes;
 
 // y[0:MB, n0:n1] for MB x rows (x, y at the first row), W rows kTileWRows at a time. pf_ahead > 0:
 // the tiles whose index is pf_phase modulo pf_period prefetch the W rows pf_ahead rows ahead of
@@ -160,7 +160,7 @@ static void tile(const float* x, int64_t K, const f16_t* W, const float* bias, f
 }  // namespace
 
 void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                 bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                 bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t pf_limit) {
   if (m1 - m0 == 1) {  // the decode GEMV: W streamed strictly in memory order
     x += m0 * K;
     y += m0 * ldy;
@@ -172,7 +172,7 @@ void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, f
   const int64_t passes = (m1 - m0 + kTileRows - 1) / kTileRows;
   for (int64_t b0 = n0; b0 < n1; b0 += block) {
     const int64_t b1 = std::min(n1, b0 + block);
-    const int64_t pf_end = std::min(n1, b1 + block);  // the next block (this thread's rows only)
+    const int64_t pf_end = std::min(pf_limit, b1 + block);  // the next block (this thread's rows only)
     for (int64_t m = m0, p = 0; m < m1; m += kTileRows, ++p) {
       const int64_t rows = std::min(kTileRows, m1 - m);
       tile(x + m * K, K, W, bias, y + m * ldy, ldy, accumulate, rows, b0, b1, block, pf_end, p, passes);

@@ -14,12 +14,17 @@
 
 namespace lpipes {
 
+// Bytes of W per L2 block of the SIMD variants' linear_tile (rows kLinearBlockWBytes / (2 K)): with
+// several x rows, every row tile passes over a block while the next is prefetched into L2.
+constexpr int64_t kLinearBlockWBytes = int64_t{192} << 10;
+
 // One declaration list, stamped into each variant's namespace.
 #define LPIPES_KERNEL_VARIANT_API                                                                         \
   /* y[m0:m1, n0:n1] of y[M, N] = x[M, K] · W[N, K]^T (+ bias) (+ y). ldy = N. Rows m0..m1 of x, */       \
   /* rows n0..n1 of W. Every output summed in the variant's one order (batch invariance).       */      \
+  /* pf_limit >= n1: W rows up to it may be prefetched (the rows this thread computes next).    */      \
   void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,  \
-                   bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1);                     \
+                   bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t pf_limit);   \
   /* rows [m0, m1) of rms_norm. */                                                                       \
   void rms_norm_rows(const float* x, int64_t N, const float* w, float eps, float offset, float* out,     \
                      int64_t m0, int64_t m1);                                                            \

@@ -10,7 +10,7 @@ namespace lpipes {
 namespace scalar {
 
 void linear_tile(const float* x, int64_t K, const f16_t* W, const float* bias, float* y, int64_t ldy,
-                 bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+                 bool accumulate, int64_t m0, int64_t m1, int64_t n0, int64_t n1, int64_t /*pf_limit*/) {
   // W rows are converted a chunk at a time into a stack buffer (no allocation: this runs on the pool).
   constexpr int64_t kChunk = 512;
   float wbuf[kChunk];

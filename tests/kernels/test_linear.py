@@ -138,6 +138,29 @@ def test_thread_count_does_not_matter(isa, M, K, N):
     assert torch.equal(one, three)  # every output is summed the same way whatever thread computes it
 
 
+def test_every_chunk_is_computed_once_however_threads_share_them(isa):
+    """Several x rows: each thread computes its own range of W-row chunks and then takes chunks from the
+    others' ends. With more threads than cores (7 on a small machine) threads stall and chunks change
+    hands; accumulating into y shows a chunk computed twice or skipped."""
+    x, w, bias, out0 = make(16, 256, 6925, seed=17)  # 9 whole chunks of W rows and a partial one
+    before = _C.num_threads()
+    try:
+        _C.set_num_threads(1)
+        want = {}
+        for M in (2, 5, 16):
+            want[M] = out0[:M].clone()
+            _C.linear_f16(x[:M], w, want[M], bias, True, isa)
+        for threads in (2, 7):
+            _C.set_num_threads(threads)
+            for _ in range(5):
+                for M in (2, 5, 16):
+                    got = out0[:M].clone()
+                    _C.linear_f16(x[:M], w, got, bias, True, isa)
+                    assert torch.equal(got, want[M]), (threads, M)
+    finally:
+        _C.set_num_threads(before)
+
+
 @pytest.mark.parametrize("K,N", [(1037, 131), (64, 40), (3072, 7)])
 def test_batch_invariant(isa, K, N):
     """Each row's output is bit-identical alone (M = 1) and in batches of every size and offset, with
