@@ -510,13 +510,15 @@ class Node:
         live.update(id(c.protocol) for c in [*self._inbound.values(), *self._retiring] if not c.closed)
         return len(live)
 
-    async def _open(self, address: str, **options: Any) -> PeerConnection:
+    async def _open(self, address: str, *, probe: bool = False, **options: Any) -> PeerConnection:
         """An authenticated connection to the node at ``address``, as this node (its id, key and
-        certificate)."""
+        certificate); with ``probe``, under a throwaway id and no certificate (see :meth:`_whois`)."""
         host, port = _address(address)
-        return await PeerConnection.open(
-            host, port, node_id=self.s.node_id, key=self.s.key, cert=self.server.cert, **options
-        )
+        if probe:
+            node_id, cert = f"probe-{secrets.token_hex(4)}", None
+        else:
+            node_id, cert = self.s.node_id, self.server.cert
+        return await PeerConnection.open(host, port, node_id=node_id, key=self.s.key, cert=cert, **options)
 
     def _forget_link(self, link: _Link) -> None:
         for addr, known in list(self._links.items()):
@@ -697,14 +699,7 @@ class Node:
             try:
                 # Under a throwaway id: the answering node takes a connection under this node's id
                 # for this node's link to it (and would give up the one this node's link uses).
-                host, port = _address(address)
-                conn = await PeerConnection.open(
-                    host,
-                    port,
-                    node_id=f"probe-{secrets.token_hex(4)}",
-                    key=self.s.key,
-                    handshake_timeout_s=PROBE_TIMEOUT_S,
-                )
+                conn = await self._open(address, probe=True, handshake_timeout_s=PROBE_TIMEOUT_S)
             except (TransportError, LpipesError, OSError) as exc:
                 log.info("probe of %s: %s", address, exc)
             else:
