@@ -168,7 +168,7 @@ class QuicProtocol(QuicConnectionProtocol):
             self._deferred_transmit = None
         quic = self._quic
         core = getattr(quic, "_core", None)
-        if core is None or self._sendto_many is None or quic._quic_logger is not None:
+        if core is None or self._sendto_many is None or getattr(quic, "_quic_logger", True) is not None:
             super().transmit()
         else:
             self._transmit_lean(core)
