@@ -163,7 +163,7 @@ class ApiConfig(_Strict):
     # Largest request body, refused with 413 from Content-Length or while reading. 2 MiB holds a
     # 128k-token prompt as token ids; max_connections bodies at once bound what requests can occupy.
     max_body_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 2 << 20
-    # HTTP connections. Beyond max_connections a new connection gets 503 and is closed at once, so
+    # HTTP connections. Beyond max_connections a new connection gets 503 and is half-closed at once, so
     # sockets (file descriptors) and buffers stay bounded; 128 leaves room above the default 16 + 64
     # requests the engine holds for health checks, metrics and status.
     max_connections: Annotated[int, Field(ge=1, le=65536)] = 128

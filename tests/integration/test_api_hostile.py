@@ -6,6 +6,7 @@ client would never do; every socket operation has a timeout and every loop a bou
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -19,6 +20,7 @@ HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 2.0
 SEND_TIMEOUT_S = 2.0
 MAX_CONNECTIONS = 64
+BUSY_CLIENTS = 64  # clients that connect at once beyond MAX_CONNECTIONS
 MAX_BODY = 64 << 10
 MAX_PROMPT = 250  # the tiny model's context is 256
 MAX_NEW = 200
@@ -141,6 +143,37 @@ def test_connections_beyond_max_connections_are_refused_at_once(hostile):
         for s in socks:
             s.close()
     deadline = time.monotonic() + 10  # the server notices the closed sockets
+    while _complete(hostile.base, hostile.model).status_code != 200:
+        assert time.monotonic() < deadline
+
+
+def test_a_client_that_sends_its_request_at_once_still_reads_the_503(hostile):
+    """An HTTP client writes its request as soon as it connects. Closing a refused connection with that
+    request unread would send a reset, which can destroy the 503 before the client reads it (httpx then
+    raises ReadError, and the client never learns to retry): the 503 is followed by a half-close, and
+    what the client sends is read and dropped until it closes."""
+    socks = [_connect(hostile.base) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)  # every one accepted
+        body = {"model": hostile.model, "prompt": "x " * 3000, "max_tokens": 4}
+
+        async def burst() -> list[httpx.Response | BaseException]:
+            # Many at once: the loop then accepts connections whose requests have already arrived.
+            limits = httpx.Limits(max_connections=BUSY_CLIENTS)
+            async with httpx.AsyncClient(timeout=TIMEOUT_S, limits=limits) as http:
+                posts = (http.post(hostile.base + "/v1/completions", json=body) for _ in range(BUSY_CLIENTS))
+                return await asyncio.gather(*posts, return_exceptions=True)
+
+        replies = asyncio.run(burst())
+        errors = [repr(r) for r in replies if isinstance(r, BaseException)]
+        assert not errors, f"{len(errors)} of {BUSY_CLIENTS} clients got no reply: {errors[:3]}"
+        for r in replies:
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "server_busy"
+    finally:
+        for s in socks:
+            s.close()
+    deadline = time.monotonic() + 10
     while _complete(hostile.base, hostile.model).status_code != 200:
         assert time.monotonic() < deadline
 

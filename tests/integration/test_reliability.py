@@ -250,7 +250,10 @@ def test_concurrent_streams_with_cancels_lose_nothing(tmp_path_factory, model_di
             "origin",
             layers="[0, 2]",
             origin=True,
-            extra_api=f"max_batch_size = 16\nmax_queued_requests = {streams}",
+            # every stream its own connection (the default max_connections, 128, would refuse some)
+            extra_api=(
+                f"max_batch_size = 16\nmax_queued_requests = {streams}\nmax_connections = {streams + 8}"
+            ),
         )
         net.start("peer-a", layers="[2, 4]", bootstrap=net.address("origin"))
         net.start("peer-b", layers="[4, 6]", bootstrap=net.address("origin"))

@@ -14,7 +14,8 @@ connections (``timeout_keep_alive``, 5 s), but nothing else about a connection:
   (4 MiB by default on Linux, grown by autotuning) of unread output per connection.
 
 :func:`guarded_protocol` closes these gaps on the connection itself, below Starlette: at most
-``max_connections`` connections (one more is answered 503 and closed before anything is read), the
+``max_connections`` connections (one more is answered 503 before anything is read, then half-closed;
+what it sends is dropped until it closes, for at most :data:`REFUSED_LINGER_S`), the
 request line and headers within ``header_timeout_s`` of the connection opening or of the previous
 response ending (else 408 and close), a kernel send buffer of :data:`SEND_BUFFER_BYTES`, and a
 response the client leaves unread — the send buffers full — for ``send_timeout_s`` aborts the
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 #: busy, and bounds what a client that stops reading parks in the kernel (128 connections: 64 MiB, as
 #: Linux doubles the value for its bookkeeping).
 SEND_BUFFER_BYTES = 256 << 10
+
+#: How long a refused connection (one beyond ``max_connections``) stays open after its 503, half-closed,
+#: reading and dropping what the client sends. Closed at once, with the client's request unread, the
+#: socket sends a reset instead of a FIN, and the reset can destroy the 503 before the client reads it:
+#: 64 httpx clients beyond the limit all got ``ReadError`` instead of the 503 and its Retry-After. At
+#: most ``max_connections`` refused connections linger at a time; beyond that they are closed at once.
+REFUSED_LINGER_S = 2.0
 
 
 def _raw_response(status: str, message: str, extra: str = "") -> bytes:
@@ -82,6 +90,8 @@ def guarded_protocol(
         # headers are complete) with ``response_complete``, ``on_response_complete`` and the asyncio
         # flow-control callbacks.
         _refused = False
+        _lingering = 0  # refused connections of this server still open (a class counter, per server)
+        _linger_timer: asyncio.TimerHandle | None = None
         _header_timer: asyncio.TimerHandle | None = None
         _send_timer: asyncio.TimerHandle | None = None
         _awaiting: Any = None
@@ -90,8 +100,7 @@ def guarded_protocol(
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             if len(self.connections) >= limits.max_connections:
                 self._refused = True
-                transport.write(_BUSY)  # type: ignore[attr-defined]
-                transport.close()
+                self._refuse(transport)
                 return
             super().connection_made(transport)
             sock = transport.get_extra_info("socket")
@@ -100,17 +109,38 @@ def guarded_protocol(
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
             self._arm_header_timer()
 
+        def _refuse(self, transport: Any) -> None:
+            """503, then a half-close; the client's request is read and dropped until it closes (see
+            :data:`REFUSED_LINGER_S`)."""
+            transport.write(_BUSY)
+            cls = type(self)
+            if cls._lingering >= limits.max_connections or not transport.can_write_eof():
+                transport.close()
+                return
+            transport.write_eof()
+            cls._lingering += 1
+            self._linger_timer = self.loop.call_later(REFUSED_LINGER_S, transport.abort)
+
+        def eof_received(self) -> bool | None:
+            if self._refused:
+                return False  # the client is done too: close
+            return super().eof_received()  # type: ignore[no-any-return]
+
         def connection_lost(self, exc: Exception | None) -> None:
             for timer in (self._header_timer, self._send_timer):
                 if timer is not None:
                     timer.cancel()
             self._header_timer = self._send_timer = None
+            if self._linger_timer is not None:
+                self._linger_timer.cancel()
+                self._linger_timer = None
+                type(self)._lingering -= 1
             if not self._refused:
                 super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             if self._refused:
-                return
+                return  # a refused connection's request: dropped
             if self.cycle is self._awaiting:
                 self._partial = True  # bytes of a request whose headers are not complete yet
             super().data_received(data)
