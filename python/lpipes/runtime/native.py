@@ -64,13 +64,17 @@ def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().float().contiguous()
 
 
+def _qkv_parts(attn: torch.nn.Module, attr: str) -> list[torch.Tensor]:
+    """The q|k|v projection's ``attr`` ("weight" or "bias") as parts to stack by rows."""
+    if hasattr(attn, "qkv_proj"):
+        return [getattr(attn.qkv_proj, attr)]
+    return [getattr(getattr(attn, name), attr) for name in ("q_proj", "k_proj", "v_proj")]
+
+
 def _matrices(layer: torch.nn.Module) -> dict[str, list[torch.Tensor]]:
     """The layer's weight matrices as the native span wants them: name -> parts to stack by rows."""
     attn, mlp = layer.self_attn, layer.mlp
-    if hasattr(attn, "qkv_proj"):
-        qkv = [attn.qkv_proj.weight]
-    else:
-        qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+    qkv = _qkv_parts(attn, "weight")
     if hasattr(mlp, "gate_up_proj"):
         gate_up = [mlp.gate_up_proj.weight]
     else:
@@ -145,12 +149,8 @@ class NativeExecutor:
             # arena is held while loading.
             layers[j] = matrices[j] = None
             attn = layer.self_attn
-            if hasattr(attn, "qkv_proj"):
-                bias = attn.qkv_proj.bias
-            elif attn.q_proj.bias is not None:
-                bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
-            else:
-                bias = None
+            biases = _qkv_parts(attn, "bias")
+            bias = None if biases[0] is None else torch.cat(biases)
             w = {name: arena.cat(parts, torch.float16) for name, parts in m.items()}
             intermediate = w["gate_up"].shape[0] // 2
             w |= {
