@@ -48,6 +48,10 @@ ask for more than the 2 cores of a small VM and each configuration computes on t
 ``--threads 1,2`` repeats everything with 2 threads per process (the idle processes' pool workers
 then spin ~50-100 us after each region, which costs the others a core briefly).
 
+Busy-polling: ``--busy-poll-us 0,3000`` runs every networked configuration once per value of
+``[network] busy_poll_us`` (0, the default: off), all up at once and measured in the same interleaved
+rounds, so the table shows what polling for the next frame instead of sleeping saves per hop.
+
 Absolute times on shared machines are noisy: run on an otherwise idle machine (the 1-minute load
 average before and after is printed and stored) and rerun when the spread is wide. Writes JSON with the
 machine description to ``bench/results/pipeline-<date>.json``.
@@ -55,6 +59,7 @@ machine description to ``bench/results/pipeline-<date>.json``.
     python bench/pipeline.py --quick              # 8-layer 0.6B shape, 32 tokens, 3 rounds: smoke run
     python bench/pipeline.py                      # 28 layers, 64 tokens, 8 rounds (~4 min on 2 cores)
     python bench/pipeline.py --threads 1,2 --procs 1,3 --skip-thin --json /tmp/p.json
+    python bench/pipeline.py --only-thin --busy-poll-us 0,3000   # the per-hop cost, polling or not
 """
 
 from __future__ import annotations
@@ -227,6 +232,7 @@ class Cluster:
     root: Path
     model: Path
     threads: int
+    busy_poll_us: int = 0
     procs: list[Proc] = field(default_factory=list)
     api: str = ""
 
@@ -253,6 +259,7 @@ class Cluster:
                     f'key_file = "{key}"',
                     "gossip_interval_s = 0.5",
                     "join_timeout_s = 60.0",
+                    f"busy_poll_us = {self.busy_poll_us}",
                 ]
                 if i > 0:
                     lines.append(f'bootstrap = ["127.0.0.1:{quic[0]}"]')
@@ -370,59 +377,74 @@ def stopped_at_exit(clusters: dict[Any, Cluster]) -> Iterator[dict[Any, Cluster]
             c.stop()
 
 
-def run_threads(model: Path, spec: ModelSpec, procs: list[int], threads: int, repeats: int) -> dict:
-    """Every configuration of ``procs`` up at once, measured in interleaved rounds (one request pair per
+Config = tuple[int, int]  # (processes, busy_poll_us)
+
+
+def label(cfg: Config) -> str:
+    k, poll = cfg
+    return f"{k} proc(s)" + (f" poll {poll}" if poll else "")
+
+
+def configs_for(procs: list[int], polls: list[int]) -> list[Config]:
+    """Every process count, the networked ones once per busy-poll value (one process has no network)."""
+    return [(k, poll) for k in procs for poll in ([0] if k == 1 else polls)]
+
+
+def run_threads(model: Path, spec: ModelSpec, configs: list[Config], threads: int, repeats: int) -> dict:
+    """Every configuration up at once, measured in interleaved rounds (one request pair per
     configuration per round, the starting configuration rotating); all processes are killed at the end."""
-    results: dict[int, dict] = {}
+    results: dict[Config, dict] = {}
     # Clusters stop (exit first) before the temporary folders holding their logs are removed.
     with contextlib.ExitStack() as stack, stopped_at_exit({}) as clusters:
-        for k in procs:
+        for cfg in configs:
+            k, poll = cfg
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"lpipes-bench-pipeline-{k}-"))
-            cluster = clusters[k] = Cluster(Path(tmp), model, threads)
-            print(f"{spec.name}: starting {k} process(es), {threads} thread(s) each ...", file=sys.stderr)
+            cluster = clusters[cfg] = Cluster(Path(tmp), model, threads, busy_poll_us=poll)
+            print(f"{spec.name}: starting {label(cfg)}, {threads} thread(s) each ...", file=sys.stderr)
             t0 = time.monotonic()
             cluster.start(spans(spec.layers, k))
             cluster.wait_ready()
-            results[k] = {
+            results[cfg] = {
                 "model": spec.name,
                 "spans": [list(s) for s in spans(spec.layers, k)],
                 "threads": threads,
+                "busy_poll_us": poll,
                 "startup_s": time.monotonic() - t0,
             }
         clients = {
-            k: stack.enter_context(httpx.Client(base_url=f"http://{c.api}", timeout=REQUEST_TIMEOUT_S))
-            for k, c in clusters.items()
+            cfg: stack.enter_context(httpx.Client(base_url=f"http://{c.api}", timeout=REQUEST_TIMEOUT_S))
+            for cfg, c in clusters.items()
         }
-        names = {k: c.get("/v1/models").json()["data"][0]["id"] for k, c in clients.items()}
-        for k in procs:  # warm-up: the first route, page faults, allocator and caches
+        names = {cfg: c.get("/v1/models").json()["data"][0]["id"] for cfg, c in clients.items()}
+        for cfg in configs:  # warm-up: the first route, page faults, allocator and caches
             for _ in range(2):
-                complete(clients[k], names[k], SHORT_TOKENS + 8)
-        rounds: list[dict[int, float]] = []
-        texts: dict[int, list[str]] = {k: [] for k in procs}
+                complete(clients[cfg], names[cfg], SHORT_TOKENS + 8)
+        rounds: list[dict[Config, float]] = []
+        texts: dict[Config, list[str]] = {cfg: [] for cfg in configs}
         for r in range(repeats):
-            this: dict[int, float] = {}
-            for k in procs[r % len(procs) :] + procs[: r % len(procs)]:
-                t_short, _ = complete(clients[k], names[k], SHORT_TOKENS)
-                t_long, text = complete(clients[k], names[k], SHORT_TOKENS + spec.tokens)
-                this[k] = (t_long - t_short) / spec.tokens * 1000.0
-                texts[k].append(text)
+            this: dict[Config, float] = {}
+            for cfg in configs[r % len(configs) :] + configs[: r % len(configs)]:
+                t_short, _ = complete(clients[cfg], names[cfg], SHORT_TOKENS)
+                t_long, text = complete(clients[cfg], names[cfg], SHORT_TOKENS + spec.tokens)
+                this[cfg] = (t_long - t_short) / spec.tokens * 1000.0
+                texts[cfg].append(text)
             rounds.append(this)
-            line = ", ".join(f"{k} proc(s) {this[k]:.2f}" for k in procs)
+            line = ", ".join(f"{label(cfg)} {this[cfg]:.2f}" for cfg in configs)
             print(f"  round {r + 1}/{repeats} ms/token: {line}", file=sys.stderr, flush=True)
-        for k in procs:
-            per_token = [rd[k] for rd in rounds]
+        for cfg in configs:
+            per_token = [rd[cfg] for rd in rounds]
             ms = statistics.median(per_token)
-            results[k].update(
+            results[cfg].update(
                 ms_per_token=ms,
                 ms_per_token_min=min(per_token),
                 ms_per_token_max=max(per_token),
                 ms_per_token_rounds=per_token,
                 tok_s=1000.0 / ms,
-                text=texts[k][0],
-                deterministic=all(t == texts[k][0] for t in texts[k]),
+                text=texts[cfg][0],
+                deterministic=all(t == texts[cfg][0] for t in texts[cfg]),
             )
-            if 1 in procs:
-                results[k]["ratio_paired"] = statistics.median(rd[1] / rd[k] for rd in rounds)
+            if (1, 0) in results:
+                results[cfg]["ratio_paired"] = statistics.median(rd[(1, 0)] / rd[cfg] for rd in rounds)
     return results
 
 
@@ -471,8 +493,9 @@ def report(results: dict[str, dict]) -> list[str]:
     problems: list[str] = []
     ref_text: dict[str, str] = {}
     print(
-        f"\n{'model':<11} {'thr':>3} {'procs':>5} {'spans':<22} {'ms/token':>9} {'min-max':>13} {'tok/s':>8} "
-        f"{'vs 1 proc':>9} {'paired':>7} {'links':>5} {'ms/hop':>7} {'same text':>9}"
+        f"\n{'model':<11} {'thr':>3} {'procs':>5} {'poll us':>7} {'spans':<22} {'ms/token':>9} "
+        f"{'min-max':>13} {'tok/s':>8} {'vs 1 proc':>9} {'paired':>7} {'links':>5} {'ms/hop':>7} "
+        f"{'same text':>9}"
     )
     for r in results.values():
         base = results.get(f"{r['model']}/{r['threads']}x1")
@@ -483,7 +506,8 @@ def report(results: dict[str, dict]) -> list[str]:
             why = (
                 "differs between rounds" if not r["deterministic"] else "differs from the first configuration"
             )
-            problems.append(f"{r['model']}, {k} procs, {r['threads']} thread(s): the greedy text {why}")
+            who = f"{r['model']}, {label((k, r['busy_poll_us']))}, {r['threads']} thread(s)"
+            problems.append(f"{who}: the greedy text {why}")
         r["links_per_step"] = k if k > 1 else 0
         r["ratio_vs_1proc"] = base["ms_per_token"] / r["ms_per_token"] if base else None
         r["ms_per_hop"] = (r["ms_per_token"] - base["ms_per_token"]) / k if base and k > 1 else None
@@ -493,7 +517,8 @@ def report(results: dict[str, dict]) -> list[str]:
         paired = f"{r['ratio_paired']:.3f}x" if "ratio_paired" in r else "-"
         hop = f"{r['ms_per_hop']:.3f}" if r["ms_per_hop"] is not None else "-"
         print(
-            f"{r['model']:<11} {r['threads']:>3} {k:>5} {span_s:<22} {r['ms_per_token']:>9.3f} {spread:>13} "
+            f"{r['model']:<11} {r['threads']:>3} {k:>5} {r['busy_poll_us']:>7} {span_s:<22} "
+            f"{r['ms_per_token']:>9.3f} {spread:>13} "
             f"{r['tok_s']:>8.1f} {ratio:>9} {paired:>7} {r['links_per_step']:>5} {hop:>7} "
             f"{'yes' if r['same_text'] else 'NO':>9}"
         )
@@ -514,6 +539,12 @@ def main() -> int:
     ap.add_argument("--threads", default="1", help="comma-separated threads per process (default 1)")
     ap.add_argument("--procs", default="1,2,3", help="comma-separated process counts (default 1,2,3)")
     ap.add_argument("--layers", type=int, help="layers of the 0.6B-shaped model (default 28; quick 8)")
+    ap.add_argument(
+        "--busy-poll-us",
+        default="0",
+        help="comma-separated [network] busy_poll_us values; each networked configuration runs once per "
+        "value (default 0: off)",
+    )
     ap.add_argument("--skip-thin", action="store_true", help="leave out the thin per-hop model")
     ap.add_argument("--only-thin", action="store_true", help="only the thin per-hop model (quick hop checks)")
     ap.add_argument("--seed", type=int, default=0)
@@ -525,8 +556,11 @@ def main() -> int:
     layers = args.layers or (8 if args.quick else 28)
     threads = int_list(args.threads)
     procs = sorted(set(int_list(args.procs)))
+    polls = list(dict.fromkeys(int_list(args.busy_poll_us)))
     if tokens < 1 or repeats < 1 or not threads or min(threads) < 1 or not procs or not 1 <= procs[0]:
         ap.error("--tokens, --repeats, --threads and --procs must be >= 1")
+    if not polls or not all(0 <= p <= 1_000_000 for p in polls):
+        ap.error("--busy-poll-us: values from 0 to 1000000")
     if args.skip_thin and args.only_thin:
         ap.error("--skip-thin and --only-thin exclude each other")
     specs = [] if args.only_thin else [(ModelSpec("qwen3-0.6b", layers, QWEN3_06B, tokens), args.cache)]
@@ -541,8 +575,8 @@ def main() -> int:
     results: dict[str, dict] = {}
     for spec, path in models:
         for t in threads:
-            for k, r in run_threads(path, spec, procs, t, repeats).items():
-                results[f"{spec.name}/{t}x{k}"] = r
+            for (k, poll), r in run_threads(path, spec, configs_for(procs, polls), t, repeats).items():
+                results[f"{spec.name}/{t}x{k}" + (f"/poll{poll}" if poll else "")] = r
     load_after = os.getloadavg()
 
     desc = machine()

@@ -96,6 +96,9 @@ class NetworkConfig(_Strict):
     # anything is allocated. 256: a max_batch_tokens = 2048 prefill in float32 of hidden size 16384 (the
     # largest open models) is 2048 x 16384 x 4 B = 128 MiB, twice over; a small model needs far less.
     max_frame_mb: Annotated[int, Field(ge=1, le=1024)] = 256
+    # After sending a step's frame, keep polling for the next one this long (µs) instead of sleeping;
+    # 0: off. Spends a core while it waits, saves the wake-up on every hop (lpipes.net.poll).
+    busy_poll_us: Annotated[int, Field(ge=0, le=1_000_000)] = 0
 
     @property
     def max_frame_bytes(self) -> int:

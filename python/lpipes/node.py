@@ -54,6 +54,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lpipes.errors import LpipesError, NoRouteError, RouteFailedError, SessionError
 from lpipes.net import _quic
 from lpipes.net.auth import AuthError
+from lpipes.net.poll import BusyPoll
 from lpipes.net.transport import (
     HANDLE_ASYNC,
     FrameStream,
@@ -277,6 +278,7 @@ class NodeSettings:
     step_timeout_s: float = 300.0
     max_sessions: int = DEFAULT_MAX_SESSIONS  # sessions with KV on this node at most
     limits: WireLimits = DEFAULT_LIMITS
+    busy_poll_s: float = 0.0  # how long the loop polls for a step's next frame after sending one
 
 
 class Node:
@@ -337,6 +339,8 @@ class Node:
             collections.OrderedDict()
         )
         self.faults = Faults.parse(os.environ.get(FAULTS_ENV, ""))
+        # Armed when this node sends a step's frame, stopped when one arrives (lpipes.net.poll).
+        self.busy_poll = BusyPoll(settings.busy_poll_s)
         self._passed_on = 0
         if self.faults != Faults():
             log.warning("fault injection active (%s): %s", FAULTS_ENV, self.faults)
@@ -384,6 +388,7 @@ class Node:
 
     async def close(self) -> None:
         self._closing = True
+        self.busy_poll.disarm()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -774,8 +779,10 @@ class Node:
             return HANDLE_ASYNC
         self._trace_frame(frame, ctx)
         if t == MessageType.FORWARD:
+            self.busy_poll.disarm()
             return self._on_forward(frame, ctx)
         if t == MessageType.RESULT:
+            self.busy_poll.disarm()  # the origin's engine takes over: leave it the CPU (and the GIL)
             return self._on_result(frame, ctx)
         if t == MessageType.ERROR:
             return self._on_error(frame, ctx)
@@ -996,6 +1003,7 @@ class Node:
         try:
             if self._send_now(address, frame):
                 self._log_step(meta, "sent", frame)
+                self.busy_poll.arm()
                 return
         except TransportError as exc:
             self._spawn(self._post_failed(address, meta, failed, exc))
@@ -1009,6 +1017,7 @@ class Node:
             await self._post_failed(address, meta, failed, exc)
         else:
             self._log_step(meta, "sent", frame)
+            self.busy_poll.arm()
 
     def _cut(self, address: str, frame: Frame) -> bool:
         """The ``cut_after`` fault: half of ``frame`` on the link, then the link's connection dropped."""
@@ -1215,7 +1224,9 @@ class Node:
                 future, route, time.monotonic(), size=size, sessions=list(sessions)
             )
             p.timer = self.loop.call_later(HEARTBEAT_S, self._heartbeat, step)  # type: ignore[union-attr]
-            if not self._send_now(first.address, frame):
+            if self._send_now(first.address, frame):
+                self.busy_poll.arm()
+            else:
                 self._spawn(self._send_step(step, first, frame))
         except TransportError as exc:
             self._fail(step, RouteFailedError(f"hop {first.node_id} unreachable: {exc}", first.node_id))
@@ -1231,6 +1242,8 @@ class Node:
             await self.send(first.address, frame)
         except (TransportError, LpipesError, OSError) as exc:
             self._fail(step, RouteFailedError(f"hop {first.node_id} unreachable: {exc}", first.node_id))
+        else:
+            self.busy_poll.arm()
 
     def _heartbeat(self, step: int) -> None:
         p = self._pending.get(step)

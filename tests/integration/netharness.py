@@ -24,7 +24,10 @@ import torch
 
 from lpipes.cli.netstatus import query_network
 from lpipes.config import load_config
-from lpipes.node import Node, NodeSettings
+from lpipes.models.checkpoint import open_checkpoint
+from lpipes.node import Faults, Node, NodeSettings
+from lpipes.runtime.local import make_executor
+from lpipes.swarm.planning import Hop
 
 STARTUP_TIMEOUT_S = 120
 
@@ -49,6 +52,62 @@ def in_process_node(node_id: str, key: bytes | None, *, bootstrap=(), **settings
     return Node(
         NodeSettings(node_id=node_id, bootstrap=tuple(bootstrap), key=key, **{**defaults, **settings})
     )
+
+
+def step_node(node_id: str, key: bytes, hidden: int, end_model: bool = False, **settings) -> Node:
+    """An in-process node of a two-layer model for step tests (``settings``: more NodeSettings)."""
+    return Node(
+        NodeSettings(
+            node_id=node_id,
+            listen="127.0.0.1:0",
+            key=key,
+            model="tiny",
+            model_hash="h",
+            num_layers=2,
+            hidden_size=hidden,
+            end_model=end_model,
+            gossip_interval_s=60.0,
+            **settings,
+        )
+    )
+
+
+async def two_hops(path, faults: Faults, scenario, **settings) -> None:
+    """origin → peer-a [0, 1) → peer-b [1, 2) → origin: in-process nodes on this loop, real QUIC,
+    ``faults`` injected on peer-a, ``settings`` on every node; runs ``scenario(origin, route, hidden)``
+    (``two_hops.nodes``: peer-a, peer-b, origin)."""
+    key = secrets.token_bytes(32)
+    nodes: list[Node] = []
+    two_hops.nodes = nodes  # for a scenario that reaches into the peers
+    try:
+        hops = []
+        for name, (start, end) in (("peer-a", (0, 1)), ("peer-b", (1, 2))):
+            ckpt = open_checkpoint(path, layers=(start, end), end_model=False)
+            hidden = int(ckpt.text_config.hidden_size)
+            node = step_node(name, key, hidden, **settings)
+            nodes.append(node)
+            await node.start()
+            node.executor = make_executor(
+                ckpt, start, end, dtype=torch.float32, executor="reference", kv_cache_bytes=1 << 22
+            )
+            node.span, node.ready = (start, end), True
+            hops.append(Hop(name, node.address, start, end))
+        nodes[0].faults = faults
+        origin = step_node("origin", key, hidden, end_model=True, **settings)
+        nodes.append(origin)
+        await origin.start()
+        await scenario(origin, hops, hidden)
+    finally:
+        for node in nodes:
+            await node.close()
+
+
+def one_step(
+    origin: Node, route: list[Hop], hidden: int, session: str, pos: int, x: torch.Tensor | None = None
+):
+    """The awaitable of one decode step of ``session`` at ``pos`` over ``route`` (random input by default)."""
+    x = torch.randn(1, hidden) if x is None else x
+    return origin.run_step(route, [session], [1], {"hidden": x, "positions": torch.tensor([pos])})
 
 
 CONTEXT = 2048  # room for long streams in the failover tests

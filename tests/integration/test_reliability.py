@@ -18,85 +18,40 @@ import asyncio
 import json
 import logging
 import random
-import secrets
 import signal
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import torch
-from netharness import Network, hf_greedy, new_network, tiny_network_model, transformers_model
+from netharness import (
+    Network,
+    hf_greedy,
+    new_network,
+    one_step,
+    tiny_network_model,
+    transformers_model,
+    two_hops,
+)
 
 from lpipes.errors import RouteFailedError
-from lpipes.models.checkpoint import open_checkpoint
-from lpipes.node import HEARTBEAT_S, LOST_GRACE_S, PING_TIMEOUT_S, Faults, Node, NodeSettings
-from lpipes.runtime.local import make_executor
+from lpipes.node import HEARTBEAT_S, LOST_GRACE_S, PING_TIMEOUT_S, Faults, Node
 from lpipes.swarm.planning import Hop
-
-
-def _node(node_id: str, key: bytes, hidden: int, end_model: bool = False) -> Node:
-    return Node(
-        NodeSettings(
-            node_id=node_id,
-            listen="127.0.0.1:0",
-            key=key,
-            model="tiny",
-            model_hash="h",
-            num_layers=2,
-            hidden_size=hidden,
-            end_model=end_model,
-            gossip_interval_s=60.0,
-        )
-    )
-
-
-async def _two_hops(path, faults: Faults, scenario) -> None:
-    """origin → peer-a [0, 1) → peer-b [1, 2) → origin, with ``faults`` injected on peer-a."""
-    key = secrets.token_bytes(32)
-    nodes: list[Node] = []
-    _two_hops.nodes = nodes  # for a scenario that reaches into the peers
-    try:
-        hops = []
-        for name, (start, end) in (("peer-a", (0, 1)), ("peer-b", (1, 2))):
-            ckpt = open_checkpoint(path, layers=(start, end), end_model=False)
-            hidden = int(ckpt.text_config.hidden_size)
-            node = _node(name, key, hidden)
-            nodes.append(node)
-            await node.start()
-            node.executor = make_executor(
-                ckpt, start, end, dtype=torch.float32, executor="reference", kv_cache_bytes=1 << 22
-            )
-            node.span, node.ready = (start, end), True
-            hops.append(Hop(name, node.address, start, end))
-        nodes[0].faults = faults
-        origin = _node("origin", key, hidden, end_model=True)
-        nodes.append(origin)
-        await origin.start()
-        await scenario(origin, hops, hidden)
-    finally:
-        for node in nodes:
-            await node.close()
-
-
-def _step(origin: Node, route: list[Hop], hidden: int, session: str, pos: int):
-    x = torch.randn(1, hidden)
-    return origin.run_step(route, [session], [1], {"hidden": x, "positions": torch.tensor([pos])})
 
 
 def test_a_frame_lost_between_live_hops_fails_its_step_within_seconds(tiny_checkpoint):
     async def scenario(origin: Node, route: list[Hop], hidden: int) -> None:
-        await _step(origin, route, hidden, "s", 0)  # opens peer-a's link to peer-b
+        await one_step(origin, route, hidden, "s", 0)  # opens peer-a's link to peer-b
         t0 = time.monotonic()
         with pytest.raises(RouteFailedError, match="lost between hop peer-a and hop peer-b") as info:
-            await _step(origin, route, hidden, "s", 1)  # cut mid-frame: peer-b never gets it
+            await one_step(origin, route, hidden, "s", 1)  # cut mid-frame: peer-b never gets it
         elapsed = time.monotonic() - t0
         assert info.value.node_id == "peer-b"
         assert elapsed < LOST_GRACE_S + 2 * (HEARTBEAT_S + PING_TIMEOUT_S) + 1.0
         # peer-a reconnects: the next steps go through (a replay would start the session again).
-        await _step(origin, route, hidden, "t", 0)
+        await one_step(origin, route, hidden, "t", 0)
 
-    asyncio.run(_two_hops(tiny_checkpoint("qwen3"), Faults(cut_after=1), scenario))
+    asyncio.run(two_hops(tiny_checkpoint("qwen3"), Faults(cut_after=1), scenario))
 
 
 def test_a_slow_hop_is_waited_for_not_failed(tiny_checkpoint):
@@ -104,11 +59,11 @@ def test_a_slow_hop_is_waited_for_not_failed(tiny_checkpoint):
 
     async def scenario(origin: Node, route: list[Hop], hidden: int) -> None:
         t0 = time.monotonic()
-        out = await _step(origin, route, hidden, "s", 0)
+        out = await one_step(origin, route, hidden, "s", 0)
         assert time.monotonic() - t0 >= delay_s
         assert out.shape == (1, hidden)
 
-    asyncio.run(_two_hops(tiny_checkpoint("qwen3"), Faults(delay_ms=delay_s * 1000), scenario))
+    asyncio.run(two_hops(tiny_checkpoint("qwen3"), Faults(delay_ms=delay_s * 1000), scenario))
 
 
 def test_an_idle_push_stream_stays_open(tiny_checkpoint, caplog):
@@ -118,15 +73,15 @@ def test_an_idle_push_stream_stays_open(tiny_checkpoint, caplog):
     caplog.set_level(logging.INFO, logger="lpipes")
 
     async def scenario(origin: Node, route: list[Hop], hidden: int) -> None:
-        for node in _two_hops.nodes:
+        for node in two_hops.nodes:
             node.server.idle_timeout_s = 1.0  # frames only: the QUIC connections keep their 300 s
-        await _step(origin, route, hidden, "s", 0)
+        await one_step(origin, route, hidden, "s", 0)
         links = dict(origin._links)
         await asyncio.sleep(2.5)  # idle, longer than idle_timeout_s
-        await _step(origin, route, hidden, "s", 1)
+        await one_step(origin, route, hidden, "s", 1)
         assert origin._links == links  # the same connections carried the second step
 
-    asyncio.run(_two_hops(tiny_checkpoint("qwen3"), Faults(), scenario))
+    asyncio.run(two_hops(tiny_checkpoint("qwen3"), Faults(), scenario))
     refusals = [r.getMessage() for r in caplog.records if "refus" in r.getMessage()]
     assert not refusals, refusals
 

@@ -18,6 +18,7 @@ key_file = "network.key"
 session_timeout_s = 120.0
 max_sessions = 64
 max_frame_mb = 128
+busy_poll_us = 2000
 
 [api]
 listen = "127.0.0.1:8000"
@@ -55,6 +56,7 @@ def test_every_key(tmp_path):
     assert cfg.network.session_timeout_s == 120.0
     assert (cfg.network.max_sessions, cfg.network.max_frame_mb) == (64, 128)
     assert cfg.network.max_frame_bytes == 128 << 20
+    assert cfg.network.busy_poll_us == 2000
     assert cfg.api is not None and cfg.api.api_keys == ["sk-test"]
     assert cfg.api.engine_options() == {
         "max_batch_size": 8,
@@ -75,6 +77,7 @@ def test_minimal_defaults(tmp_path):
     # of hidden size 16384 (128 MiB) twice over, well below the wire format's 1 GiB.
     assert cfg.network.max_sessions == 128 and cfg.network.max_frame_bytes == 256 << 20
     assert cfg.network.session_timeout_s == 600.0
+    assert cfg.network.busy_poll_us == 0  # off: polling spends a core
     assert cfg.models[0].span == (0, 4) and cfg.models[0].source == "org/model"
 
 
@@ -104,6 +107,10 @@ def test_minimal_defaults(tmp_path):
         (
             FULL.replace("max_frame_mb = 128", "max_frame_mb = 2048"),
             "`network.max_frame_mb`: Input should be less than or equal to 1024",
+        ),
+        (
+            FULL.replace("busy_poll_us = 2000", "busy_poll_us = -1"),
+            "`network.busy_poll_us`: Input should be greater than or equal to 0",
         ),
         (
             FULL.replace("session_timeout_s = 120.0", "session_timeout_s = 0.5"),
@@ -165,6 +172,7 @@ def test_network_limits_reach_the_node(tmp_path, tiny_checkpoint):
         _write(
             tmp_path,
             'node_id = "p"\n[network]\nmax_sessions = 3\nmax_frame_mb = 2\nsession_timeout_s = 30\n'
+            "busy_poll_us = 1500\n"
             f'[[models]]\npath = "{path}"\n',
         )
     )
@@ -172,6 +180,7 @@ def test_network_limits_reach_the_node(tmp_path, tiny_checkpoint):
     assert settings.listen == "127.0.0.1:5000" and settings.advertise is None
     assert settings.max_sessions == 3 and settings.session_timeout_s == 30.0
     assert settings.limits.max_frame_bytes == 2 << 20 and settings.key == b"k" * 16
+    assert settings.busy_poll_s == 0.0015
 
 
 API_LIMITS = """

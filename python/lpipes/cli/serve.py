@@ -292,6 +292,7 @@ def node_settings(cfg: NodeConfig, ckpt: Any, dtype: Any, key: bytes | None) -> 
         step_timeout_s=net.step_timeout_s,
         max_sessions=net.max_sessions,
         limits=WireLimits(max_frame_bytes=net.max_frame_bytes),
+        busy_poll_s=net.busy_poll_us / 1e6,
     )
 
 
