@@ -929,6 +929,7 @@ class Node:
     async def _run_queue(self, batch: list[_Job]) -> None:
         try:
             while batch:
+                self.busy_poll.disarm()  # the compute thread needs the GIL between its kernels
                 self._deliver(batch, await self._computed(self._run_batch, batch))
                 batch = self._take_batch()
         finally:

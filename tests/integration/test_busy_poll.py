@@ -9,7 +9,8 @@ import asyncio
 import torch
 from netharness import one_step, two_hops
 
-from lpipes.node import Faults
+import lpipes.node
+from lpipes.node import INLINE_MAX_TOKENS, Faults
 
 WINDOW_S = 0.3
 
@@ -49,3 +50,38 @@ def test_nodes_poll_while_their_step_is_away_and_give_the_same_outputs(tiny_chec
     assert all(p > 0 for p in polls), polls
     for a, b in zip(plain, polled):
         assert torch.equal(a, b)
+
+
+def test_a_layer_peer_stops_polling_while_its_compute_thread_runs(tiny_checkpoint, monkeypatch):
+    """Prefill-sized steps run on a layer peer's compute thread, batch after batch; the loop does not
+    poll meanwhile (the compute thread needs the GIL between its kernels), although sending the first
+    batch's output armed it again."""
+    monkeypatch.setattr(lpipes.node, "PEER_BATCH_TOKENS", 24)  # two 20-token steps: two batches
+    seen: list[bool] = []
+
+    async def scenario(origin, route, hidden) -> None:
+        peer_a = two_hops.nodes[0]
+        await one_step(origin, route, hidden, "s", 0)
+        assert peer_a.busy_poll.active  # polls after passing its decode step on
+        computed = peer_a._computed
+
+        async def spy(fn, *args):
+            seen.append(peer_a.busy_poll.active)
+            return await computed(fn, *args)
+
+        peer_a._computed = spy
+        t = INLINE_MAX_TOKENS + 4
+        steps = [
+            origin.run_step(
+                route, [sid], [t], {"hidden": torch.randn(t, hidden), "positions": torch.arange(t)}
+            )
+            for sid in ("p", "q")
+        ]
+        outs = await asyncio.gather(*steps)
+        assert [o.shape for o in outs] == [(t, hidden)] * 2
+        assert peer_a.busy_poll.active  # armed again by the last output it sent
+
+    asyncio.run(
+        asyncio.wait_for(two_hops(tiny_checkpoint("qwen3"), Faults(), scenario, busy_poll_s=WINDOW_S), 60)
+    )
+    assert seen == [False, False]
