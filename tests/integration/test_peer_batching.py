@@ -14,30 +14,15 @@ import secrets
 
 import pytest
 import torch
+from netharness import step_node
 
 from lpipes.models.checkpoint import open_checkpoint
-from lpipes.node import Node, NodeSettings
+from lpipes.node import Node
 from lpipes.runtime.local import make_executor
 from lpipes.runtime.reference import SequenceInput
 from lpipes.swarm.planning import Hop
 
 LENS = [5, 1, 9, 3]  # one prompt chunk per session, different lengths
-
-
-def _node(node_id: str, key: bytes, hidden: int, layers: int, end_model: bool) -> Node:
-    return Node(
-        NodeSettings(
-            node_id=node_id,
-            listen="127.0.0.1:0",
-            key=key,
-            model="tiny",
-            model_hash="h",
-            num_layers=layers,
-            hidden_size=hidden,
-            end_model=end_model,
-            gossip_interval_s=60.0,
-        )
-    )
 
 
 @pytest.mark.parametrize(("executor", "dtype"), [("native", torch.float16), ("reference", torch.float32)])
@@ -56,8 +41,8 @@ def test_peer_batches_concurrent_steps_and_matches_each_alone(tiny_checkpoint, e
 
     async def scenario() -> tuple[list[torch.Tensor], list[torch.Tensor], Node]:
         key = secrets.token_bytes(32)
-        peer = _node("peer", key, hidden_size, 2, end_model=False)
-        origin = _node("origin", key, hidden_size, 2, end_model=True)
+        peer = step_node("peer", key, hidden_size)
+        origin = step_node("origin", key, hidden_size, end_model=True)
         try:
             await peer.start()
             await origin.start()
